@@ -71,7 +71,9 @@ class SliceGeometry:
     def label_from_model(self, label: np.ndarray) -> np.ndarray:
         """``(size, size)`` label on the canvas -> ``(H, W)`` uint8 at the source resolution (nearest)."""
         h, w = self.resized_shape
-        return _resize_u8(np.ascontiguousarray(label[:h, :w]).astype(np.uint8), (self.height, self.width), Image.NEAREST)
+        return _resize_u8(
+            np.ascontiguousarray(label[:h, :w]).astype(np.uint8), (self.height, self.width), Image.NEAREST
+        )
 
     def logits_from_model(self, logits: np.ndarray) -> np.ndarray:
         """``(size, size)`` float logits on the canvas -> ``(H, W)`` float32, bilinear. Threshold at 0."""

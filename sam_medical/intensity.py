@@ -77,13 +77,23 @@ def parse_window(window: str | tuple[float, float] | None) -> tuple[str, float, 
 
 def detect_modality(values: np.ndarray) -> str:
     """``"ct"`` if the volume holds clearly negative values (Hounsfield units), else ``"mr"``."""
-    sample = np.asarray(values).ravel()
-    if sample.size > 2_000_000:
-        sample = sample[:: sample.size // 1_000_000]
-    return "ct" if float(np.percentile(sample, 0.5)) < AUTO_CT_THRESHOLD else "mr"
+    return "ct" if float(np.percentile(_subsample(values), 0.5)) < AUTO_CT_THRESHOLD else "mr"
 
 
-def resolve_window(values: np.ndarray, modality: str = "auto", window: str | tuple | None = None) -> IntensityWindow:
+def _subsample(values: np.ndarray, target: int = 2_000_000) -> np.ndarray:
+    """A strided 1D sample of about ``target`` voxels (no full copy of a large volume)."""
+    arr = np.asarray(values)
+    step = 1
+    while arr.size / step**arr.ndim > target:
+        step += 1
+    if arr.ndim:
+        arr = arr[(slice(None, None, step),) * arr.ndim]
+    return np.asarray(arr, dtype=np.float32).ravel()
+
+
+def resolve_window(
+    values: np.ndarray, modality: str = "auto", window: str | tuple | None = None
+) -> IntensityWindow:
     """Decide the uint8 mapping for a whole volume ``values`` (any shape)."""
     modality = (modality or "auto").lower()
     if modality not in MODALITIES:
@@ -93,9 +103,7 @@ def resolve_window(values: np.ndarray, modality: str = "auto", window: str | tup
     if modality == "ct":
         name, level, width = parse_window(window)
         return IntensityWindow(lo=level - width / 2.0, hi=level + width / 2.0, modality="ct", name=name)
-    flat = np.asarray(values, dtype=np.float32).ravel()
-    if flat.size > 4_000_000:
-        flat = flat[:: flat.size // 2_000_000]
+    flat = _subsample(values)
     nonzero = flat[flat != 0]
     ref = nonzero if nonzero.size else flat
     lo, hi = (float(v) for v in np.percentile(ref, MR_PERCENTILES))

@@ -25,7 +25,9 @@ GEOMETRY_TOLERANCE = 1e-3
 class Volume:
     """A 3D scalar volume.
 
-    ``array``: ``(I, J, K)`` in stored voxel order (float32 for images, uint8 for labels).
+    ``array``: ``(I, J, K)`` in stored voxel order (float32 or the stored integer type for images,
+    uint8 for labels). It is a transposed view of a C-ordered ``(K, J, I)`` array, so
+    ``array.transpose(2, 1, 0)[k]`` is a contiguous slice.
     ``spacing``: mm per voxel along I, J, K. ``origin``: world position of voxel (0, 0, 0) in LPS mm
     (ITK convention). ``direction``: 3x3, row-major, columns are the I, J, K axis directions in LPS.
     """
@@ -75,9 +77,7 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return not name.startswith(".") and name.endswith(IMAGE_EXTENSIONS)
 
 
-def _read_sitk(path: str | os.PathLike, what: str):
-    import SimpleITK as sitk
-
+def _check_file(path: str | os.PathLike, what: str) -> Path:
     p = Path(path)
     if not p.exists():
         raise UserInputError(f"{what} file not found: {p}")
@@ -85,57 +85,100 @@ def _read_sitk(path: str | os.PathLike, what: str):
         raise UserInputError(f"{what} path is a folder, not a file: {p}")
     if p.stat().st_size == 0:
         raise UserInputError(f"{what} file is empty: {p}")
-    try:
-        img = sitk.ReadImage(str(p))
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        detail = next((ln.strip() for ln in first if "rror" in ln or "ould not" in ln), "unreadable")
-        raise UserInputError(f"cannot read {what} {p}: corrupt, truncated or unsupported file ({detail[:160]})") from None
-    dim = img.GetDimension()
-    if img.GetNumberOfComponentsPerPixel() != 1:
-        raise UserInputError(
-            f"{what} {p} has {img.GetNumberOfComponentsPerPixel()} components per voxel; a scalar 3D volume is required"
-        )
-    if dim == 4 and img.GetSize()[3] == 1:
-        img = img[:, :, :, 0]
-        dim = 3
-    if dim != 3:
-        raise UserInputError(f"{what} {p} is {dim}D (size {list(img.GetSize())}); a 3D volume is required")
-    return img
+    return p
 
 
-def _sitk_to_ijk(img) -> np.ndarray:
+def _unreadable(p: Path, what: str, exc: BaseException) -> UserInputError:
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    detail = next(
+        (ln for ln in lines if "rror" in ln or "ould not" in ln), lines[0] if lines else type(exc).__name__
+    )
+    return UserInputError(f"cannot read {what} {p}: corrupt, truncated or unsupported file ({detail[:160]})")
+
+
+def _read(path: str | os.PathLike, what: str) -> tuple[np.ndarray, tuple, tuple, tuple]:
+    """Return ``(array_ijk, spacing, origin, direction)``; the array is a private copy.
+
+    Geometry always comes from SimpleITK (what 3D Slicer and the app's writer use). NIfTI voxel data is
+    read with nibabel: ITK's NIfTI reader silently turns NaN voxels into 0 and accepts a cut ``.nii.gz``,
+    while nibabel reports both. Other formats (``.nrrd``, ``.mha``...) are read with SimpleITK.
+    """
     import SimpleITK as sitk
 
+    p = _check_file(path, what)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
     try:
-        arr_kji = sitk.GetArrayViewFromImage(img)
-    except RuntimeError as exc:  # pragma: no cover - truncated data read lazily
-        raise UserInputError(f"cannot read voxel data: {exc}") from None
-    return arr_kji.transpose(2, 1, 0)
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise _unreadable(p, what, exc) from None
+    size = list(reader.GetSize())
+    dim = reader.GetDimension()
+    if reader.GetNumberOfComponents() != 1:
+        raise UserInputError(
+            f"{what} {p} has {reader.GetNumberOfComponents()} components per voxel; a scalar 3D volume is required"
+        )
+    if dim == 4 and size[3] == 1:
+        dim, size = 3, size[:3]
+    if dim != 3:
+        raise UserInputError(f"{what} {p} is {dim}D (size {size}); a 3D volume is required")
+    spacing = tuple(float(s) for s in reader.GetSpacing()[:3])
+    origin = tuple(float(o) for o in reader.GetOrigin()[:3])
+    direction = tuple(float(d) for d in reader.GetDirection())
+    if len(direction) == 16:  # a 4D header with one volume: keep the 3x3 spatial part
+        direction = tuple(direction[r * 4 + c] for r in range(3) for c in range(3))
+    if p.name.lower().endswith((".nii", ".nii.gz")):
+        import nibabel as nib
+
+        try:
+            arr = np.asanyarray(nib.load(str(p)).dataobj)
+        except Exception as exc:  # noqa: BLE001 - any reader failure is a bad file
+            raise _unreadable(p, what, exc) from None
+        arr = np.array(arr.reshape(arr.shape[:3]) if arr.ndim == 4 else arr, copy=False)
+        # nibabel returns a Fortran-ordered (I, J, K) array: its transpose is a C-ordered (K, J, I).
+        arr = np.require(arr.transpose(2, 1, 0), requirements="C").transpose(2, 1, 0)
+    else:
+        try:
+            img = reader.Execute()
+        except RuntimeError as exc:
+            raise _unreadable(p, what, exc) from None
+        if img.GetDimension() == 4:
+            img = img[:, :, :, 0]
+        # SimpleITK's array *view* dies with the image object: copy once.
+        arr = np.array(sitk.GetArrayViewFromImage(img), copy=True).transpose(2, 1, 0)
+    if list(arr.shape) != size:
+        raise UserInputError(
+            f"{what} {p}: header size {size} does not match its voxel data {list(arr.shape)}"
+        )
+    return arr, spacing, origin, direction
 
 
 def load_volume(path: str | os.PathLike, *, what: str = "image") -> Volume:
-    """Read a 3D scalar image as float32 ``(I, J, K)``. Refuses 2D/4D, vector images and NaN/Inf voxels."""
-    img = _read_sitk(path, what)
-    arr = np.asarray(_sitk_to_ijk(img), dtype=np.float32)
+    """Read a 3D scalar image as ``(I, J, K)``. Refuses 2D/4D, vector images and NaN/Inf voxels.
+
+    Integer images keep their stored integer type (no NaN is possible, and it halves memory for int16
+    CT); floating-point images become float32.
+    """
+    arr, spacing, origin, direction = _read(path, what)
     if arr.size == 0:
         raise UserInputError(f"{what} {path} has no voxels")
-    if not np.isfinite(arr).all():
-        bad = int((~np.isfinite(arr)).sum())
-        raise UserInputError(f"{what} {path} contains {bad} NaN or infinite voxels")
-    return Volume(
-        array=arr,
-        spacing=tuple(float(s) for s in img.GetSpacing()),
-        origin=tuple(float(o) for o in img.GetOrigin()),
-        direction=tuple(float(d) for d in img.GetDirection()),
-        path=str(path),
-    )
+    if arr.dtype.kind == "f":
+        if arr.dtype != np.float32:
+            arr = np.require(arr.transpose(2, 1, 0), np.float32, "C").transpose(2, 1, 0)
+        if not np.isfinite(arr).all():
+            bad = int((~np.isfinite(arr)).sum())
+            raise UserInputError(f"{what} {path} contains {bad} NaN or infinite voxels")
+    elif arr.dtype.kind not in "iub":
+        raise UserInputError(f"{what} {path} has unsupported voxel type {arr.dtype}")
+    return Volume(array=arr, spacing=spacing, origin=origin, direction=direction, path=str(path))
 
 
 def check_same_geometry(image: Volume, other: Volume, what: str = "label") -> None:
     """Raise :class:`UserInputError` unless ``other`` has the image's shape, spacing, origin, direction."""
     if image.shape != other.shape:
-        raise UserInputError(f"{what} shape {list(other.shape)} differs from image shape {list(image.shape)} ({other.path})")
+        raise UserInputError(
+            f"{what} shape {list(other.shape)} differs from image shape {list(image.shape)} ({other.path})"
+        )
     for name in ("spacing", "origin", "direction"):
         a, b = np.asarray(getattr(image, name)), np.asarray(getattr(other, name))
         tol = GEOMETRY_TOLERANCE * max(1.0, float(np.abs(a).max(initial=0)))
@@ -154,28 +197,26 @@ def to_label_array(values: np.ndarray, source: str = "label") -> np.ndarray:
         rounded = np.rint(arr)
         if not np.array_equal(rounded, arr):
             bad = arr[rounded != arr]
-            raise UserInputError(f"{source} has non-integer values (e.g. {float(bad.flat[0]):g}); a label map must hold whole numbers")
+            raise UserInputError(
+                f"{source} has non-integer values (e.g. {float(bad.flat[0]):g}); a label map must hold whole numbers"
+            )
         arr = rounded
     elif arr.dtype.kind not in "iub":
         raise UserInputError(f"{source} has unsupported type {arr.dtype}")
     if arr.size and arr.min() < 0:
         raise UserInputError(f"{source} has negative values (min {arr.min()})")
     if arr.size and arr.max() > 255:
-        raise UserInputError(f"{source} has values up to {int(arr.max())}; at most 255 label values are supported")
+        raise UserInputError(
+            f"{source} has values up to {int(arr.max())}; at most 255 label values are supported"
+        )
     return arr.astype(np.uint8)
 
 
 def load_label(path: str | os.PathLike, image: Volume | None = None) -> Volume:
     """Read a label map as uint8 ``(I, J, K)``; with ``image``, also check that the geometry matches."""
-    img = _read_sitk(path, "label")
-    arr = to_label_array(_sitk_to_ijk(img), source=f"label {path}")
-    vol = Volume(
-        array=arr,
-        spacing=tuple(float(s) for s in img.GetSpacing()),
-        origin=tuple(float(o) for o in img.GetOrigin()),
-        direction=tuple(float(d) for d in img.GetDirection()),
-        path=str(path),
-    )
+    arr, spacing, origin, direction = _read(path, "label")
+    arr = to_label_array(arr, source=f"label {path}")
+    vol = Volume(array=arr, spacing=spacing, origin=origin, direction=direction, path=str(path))
     if image is not None:
         check_same_geometry(image, vol)
     return vol

@@ -1,0 +1,123 @@
+"""``sam-medical preprocess``: volumes + label maps -> 256x256 ``.npz`` slice files and ``manifest.json``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "preprocess",
+        help="turn NIfTI volumes and label maps into 256x256 .npz slice files",
+        description="Turn volumes and label maps into 256x256 .npz slice files (keys imgs, gts, slice_index, ...). "
+        "Slices are volume[:, :, k] in stored IJK order, resized longest-side-to-256 and zero-padded bottom/right.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image", help="one image (.nii, .nii.gz, .nrrd, .mha); needs --label")
+    src.add_argument(
+        "--dataset",
+        help="a MONAI Label datastore (labels/final/) or a Decathlon folder (imagesTr/, labelsTr/)",
+    )
+    p.add_argument("--label", help="the label map of --image")
+    p.add_argument("--out", required=True, help="output folder for <case>.npz and manifest.json")
+    p.add_argument(
+        "--modality",
+        choices=("auto", "ct", "mr"),
+        default="auto",
+        help="ct: window; mr: 0.5-99.5 percentile clip; auto: decide from the intensities (default)",
+    )
+    p.add_argument(
+        "--window",
+        default=None,
+        help="CT window: abdomen (L40/W400, default), soft_tissue, bone, lung, or LEVEL,WIDTH",
+    )
+    p.add_argument("--labels", default=None, help="comma-separated label values to keep (default: all)")
+    p.add_argument(
+        "--min-area", type=int, default=0, help="drop 2D connected components smaller than this (pixels)"
+    )
+    p.add_argument(
+        "--keep-empty",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="fraction of label-free slices to keep as negatives (default 0: skip and count them)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed for choosing kept empty slices")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="parallel processes")
+    p.add_argument("--no-compress", action="store_true", help="store the .npz uncompressed (faster, larger)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from ..errors import UserInputError
+    from ..preprocess import CasePair, PreprocessOptions, find_cases, parse_label_list, preprocess_cases
+    from ..volume import image_stem
+
+    options = PreprocessOptions(
+        modality=args.modality,
+        window=args.window,
+        labels=parse_label_list(args.labels),
+        min_area=args.min_area,
+        keep_empty=args.keep_empty,
+        seed=args.seed,
+        compress=not args.no_compress,
+    )
+    if args.workers < 1:
+        raise UserInputError("--workers must be at least 1")
+    if args.image:
+        if not args.label:
+            raise UserInputError("--image needs --label")
+        cases, extra = (
+            [CasePair(image_stem(args.image), _path(args.image), _path(args.label))],
+            {"layout": "pair"},
+        )
+        if args.window is not None:
+            from ..intensity import parse_window
+
+            parse_window(args.window)
+    else:
+        if args.label:
+            raise UserInputError("--label goes with --image, not with --dataset")
+        if args.window is not None:
+            from ..intensity import parse_window
+
+            parse_window(args.window)
+        cases, layout, unlabelled = find_cases(args.dataset)
+        extra = {"layout": layout, "unlabelled_images": unlabelled}
+    manifest = preprocess_cases(
+        cases,
+        args.out,
+        options,
+        workers=args.workers,
+        progress=not args.quiet and sys.stderr.isatty(),
+        extra=extra,
+    )
+    totals = manifest["totals"]
+    for case in manifest["cases"]:
+        print(
+            f"{case['case']}: kept {case['slices_kept']} of {case['slices_total']} slices "
+            f"({case['slices_skipped_empty']} empty skipped), labels {case['labels']}, {case['modality']} {case['window']['name']}"
+        )
+    for bad in manifest["failed"]:
+        print(f"FAILED {bad['case']}: {bad['error']}", file=sys.stderr)
+    print(json.dumps({"out": str(args.out), **totals}))
+    if manifest["failed"]:
+        if len(cases) == 1:
+            raise UserInputError(manifest["failed"][0]["error"])
+        print(
+            f"error: {len(manifest['failed'])} of {len(cases)} cases failed (listed above and in manifest.json)",
+            file=sys.stderr,
+        )
+        return 2
+    return 0
+
+
+def _path(p: str):
+    from pathlib import Path
+
+    return Path(p)
