@@ -1,0 +1,478 @@
+"""LoRA on the query and value projections of SAM's image encoder (SAMed's recipe), written by hand.
+
+SAM's encoder attention computes ``q, k, v`` with one fused ``nn.Linear(dim, 3 * dim)`` (``attn.qkv``),
+so PEFT cannot target q and v alone. :class:`LoRAQKV` replaces that layer, keeping its weight and bias
+as they are (same parameters, same state-dict names) and adding two low-rank updates::
+
+    qkv = x W^T + b;   q += s * B_q A_q x;   v += s * B_v A_v x;   s = alpha / r
+
+with ``A (r, dim)`` Kaiming-uniform and ``B (dim, r)`` zero, so a fresh adapter leaves the model
+unchanged. ViT-B at rank 4 has ``12 blocks * 2 * (4*768 + 768*4) = 147,456`` LoRA parameters.
+
+The vocabulary follows PEFT: :func:`inject_lora`, :func:`save_adapter` (adapter weights only, plus the
+mask decoder when it was trained), :func:`load_adapter`, :func:`merge_lora`, :func:`unmerge_lora`.
+
+Adapter file (``torch.save``, loadable with ``weights_only=True``)::
+
+    {"format": "sam-medical-adapter", "format_version": 1,
+     "meta": {"model", "checkpoint_md5", "base", "rank", "alpha", "blocks", "image_size", "train_decoder",
+              "lora_params", "version", "created", **extra},
+     "lora": {state-dict name: tensor},
+     "decoder": mask decoder state dict}          # only when train_decoder
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .atomic import atomic_path
+from .errors import UserInputError
+
+if TYPE_CHECKING:
+    from segment_anything.modeling import Sam
+
+ADAPTER_FORMAT = "sam-medical-adapter"
+ADAPTER_FORMAT_VERSION = 1
+_BASE_DECODER_ATTR = "_sam_medical_base_decoder"
+
+
+class LoRAQKV(nn.Module):
+    """A fused ``qkv`` linear layer ``dim -> 3*dim`` with LoRA updates on its q and v thirds.
+
+    ``weight (3*dim, dim)`` and ``bias (3*dim,)`` are the base layer's own parameters (shared, not
+    copied), so the state-dict names of the base weights do not change. The adapters are
+    ``lora_q_A``/``lora_v_A`` (``nn.Linear(dim, r)``, weight ``(r, dim)``) and ``lora_q_B``/``lora_v_B``
+    (``nn.Linear(r, dim)``, weight ``(dim, r)``), all without bias.
+
+    Input ``(..., dim)``, output ``(..., 3*dim)``.
+    """
+
+    def __init__(
+        self, base: nn.Linear, rank: int, alpha: float | None = None, generator: torch.Generator | None = None
+    ) -> None:
+        super().__init__()
+        if base.out_features != 3 * base.in_features:
+            raise ValueError(
+                f"expected a fused qkv layer dim -> 3*dim, got {base.in_features} -> {base.out_features}"
+            )
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+        dim = base.in_features
+        self.dim = dim
+        self.rank = int(rank)
+        self.alpha = float(rank if alpha is None else alpha)
+        self.weight = base.weight
+        self.bias = base.bias
+        self.lora_q_A = nn.Linear(dim, rank, bias=False)
+        self.lora_q_B = nn.Linear(rank, dim, bias=False)
+        self.lora_v_A = nn.Linear(dim, rank, bias=False)
+        self.lora_v_B = nn.Linear(rank, dim, bias=False)
+        self.merged = False
+        self.reset_lora_parameters(generator)
+        self.to(device=base.weight.device, dtype=base.weight.dtype)
+
+    @property
+    def scale(self) -> float:
+        """``alpha / rank``."""
+        return self.alpha / self.rank
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, generator: torch.Generator | None = None) -> None:
+        """A: Kaiming-uniform (``a = sqrt(5)``, as LoRA/PEFT); B: zeros. Unmerges first."""
+        self.unmerge()
+        for a in (self.lora_q_A, self.lora_v_A):
+            w = torch.empty(a.weight.shape, dtype=torch.float32)
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=generator)
+            a.weight.copy_(w)
+        nn.init.zeros_(self.lora_q_B.weight)
+        nn.init.zeros_(self.lora_v_B.weight)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update ``(3*dim, dim)`` that :meth:`merge` adds to ``weight`` (zero on the k third)."""
+        dq = self.lora_q_B.weight @ self.lora_q_A.weight
+        dv = self.lora_v_B.weight @ self.lora_v_A.weight
+        return torch.cat([dq, torch.zeros_like(dq), dv], dim=0) * self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return qkv
+        q, k, v = qkv.split(self.dim, dim=-1)
+        q = q + self.scale * self.lora_q_B(self.lora_q_A(x))
+        v = v + self.scale * self.lora_v_B(self.lora_v_A(x))
+        return torch.cat([q, k, v], dim=-1)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the updates into ``weight`` (inference speed); :meth:`forward` then skips them."""
+        if not self.merged:
+            self.weight.add_(self.delta_weight().to(self.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take the updates back out of ``weight`` (up to float rounding)."""
+        if self.merged:
+            self.weight.sub_(self.delta_weight().to(self.weight.dtype))
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
+
+
+# --- inject / inspect ---------------------------------------------------------------------------
+
+
+def lora_modules(sam: Sam) -> dict[int, LoRAQKV]:
+    """Encoder block index -> its :class:`LoRAQKV`, for the blocks that have one."""
+    return {i: b.attn.qkv for i, b in enumerate(sam.image_encoder.blocks) if isinstance(b.attn.qkv, LoRAQKV)}
+
+
+def is_lora_injected(sam: Sam) -> bool:
+    return bool(lora_modules(sam))
+
+
+def lora_config(sam: Sam) -> dict[str, Any] | None:
+    """``{"rank", "alpha", "blocks"}`` of the injected LoRA, or None."""
+    mods = lora_modules(sam)
+    if not mods:
+        return None
+    first = next(iter(mods.values()))
+    return {"rank": first.rank, "alpha": first.alpha, "blocks": sorted(mods)}
+
+
+def inject_lora(
+    sam: Sam,
+    rank: int = 4,
+    alpha: float | None = None,
+    blocks: list[int] | tuple[int, ...] | None = None,
+    seed: int | None = None,
+) -> list[int]:
+    """Put LoRA on q and v of the encoder blocks ``blocks`` (default all); return the block indices.
+
+    Every parameter of the model is frozen; only the new LoRA parameters are trainable (see
+    :func:`set_trainable` to train the mask decoder too). ``alpha`` defaults to ``rank`` (scale 1).
+    ``seed`` makes the A initialisation reproducible without touching the global RNG.
+
+    Raises:
+        UserInputError: LoRA already injected, rank below 1, block index out of range.
+    """
+    if is_lora_injected(sam):
+        raise UserInputError("LoRA is already injected in this model")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise UserInputError(f"LoRA rank must be a positive integer, got {rank!r}")
+    depth = len(sam.image_encoder.blocks)
+    if blocks is None:
+        chosen = list(range(depth))
+    else:
+        chosen = sorted({int(b) for b in blocks})
+        bad = [b for b in chosen if not 0 <= b < depth]
+        if bad or not chosen:
+            raise UserInputError(f"LoRA blocks must be indices in 0..{depth - 1}, got {list(blocks)}")
+    if alpha is not None and not alpha > 0:
+        raise UserInputError(f"LoRA alpha must be positive, got {alpha}")
+    for p in sam.parameters():
+        p.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    for i in chosen:
+        attn = sam.image_encoder.blocks[i].attn
+        attn.qkv = LoRAQKV(attn.qkv, rank, alpha, generator=generator)
+    return chosen
+
+
+def lora_parameters(sam: Sam) -> list[nn.Parameter]:
+    """The LoRA parameters (A and B of q and v in each injected block), in block order."""
+    params: list[nn.Parameter] = []
+    for mod in lora_modules(sam).values():
+        params += [mod.lora_q_A.weight, mod.lora_q_B.weight, mod.lora_v_A.weight, mod.lora_v_B.weight]
+    return params
+
+
+def set_trainable(sam: Sam, train_decoder: bool) -> int:
+    """Freeze everything but the LoRA parameters (and the mask decoder if ``train_decoder``).
+
+    The prompt encoder is always frozen. Returns the number of trainable parameter elements.
+    """
+    for p in sam.parameters():
+        p.requires_grad_(False)
+    for p in lora_parameters(sam):
+        p.requires_grad_(True)
+    if train_decoder:
+        for p in sam.mask_decoder.parameters():
+            p.requires_grad_(True)
+    return sum(p.numel() for p in sam.parameters() if p.requires_grad)
+
+
+def lora_state_dict(sam: Sam) -> dict[str, torch.Tensor]:
+    """The LoRA tensors under their names in ``sam.state_dict()`` (``...attn.qkv.lora_q_A.weight``)."""
+    return {k: v for k, v in sam.state_dict().items() if ".lora_" in k}
+
+
+def merge_lora(sam: Sam) -> None:
+    """Fold every LoRA update into its base ``qkv`` weight."""
+    for mod in lora_modules(sam).values():
+        mod.merge()
+
+
+def unmerge_lora(sam: Sam) -> None:
+    """Take every merged LoRA update back out of its base ``qkv`` weight."""
+    for mod in lora_modules(sam).values():
+        mod.unmerge()
+
+
+def base_state_dict(sam: Sam) -> dict[str, torch.Tensor]:
+    """A plain SAM state dict (as ``segment_anything`` names it) with the LoRA updates folded in.
+
+    The model itself is not changed. Without LoRA this is ``sam.state_dict()``.
+    """
+    state = sam.state_dict()
+    modules = dict(sam.named_modules())
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if ".lora_" in key:
+            continue
+        owner, _, leaf = key.rpartition(".")
+        mod = modules.get(owner)
+        if isinstance(mod, LoRAQKV) and leaf == "weight" and not mod.merged:
+            with torch.no_grad():
+                value = value + mod.delta_weight().to(value.dtype)
+        out[key] = value
+    return out
+
+
+# --- adapter files ------------------------------------------------------------------------------
+
+
+def _plain(value: Any, where: str) -> Any:
+    """``value`` as types that ``torch.load(weights_only=True)`` accepts (tuples become lists)."""
+    if value is None or isinstance(value, str | bool | int | float):
+        return value
+    if isinstance(value, os.PathLike):
+        return str(value)
+    if isinstance(value, list | tuple):
+        return [_plain(v, where) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v, f"{where}.{k}") for k, v in value.items()}
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy / torch scalars
+        return value.item()
+    raise TypeError(f"{where} = {value!r} cannot be stored in an adapter file")
+
+
+def new_version_id() -> str:
+    """A sortable, unique adapter version: ``YYYYmmdd-HHMMSS-<8 hex>`` (UTC)."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+
+
+def save_adapter(
+    sam: Sam,
+    path: str | os.PathLike,
+    *,
+    base_info: dict[str, Any],
+    rank: int,
+    alpha: float | None,
+    blocks: list[int] | tuple[int, ...],
+    image_size: int,
+    train_decoder: bool,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write the LoRA weights (and the mask decoder if ``train_decoder``) to ``path`` atomically.
+
+    ``rank``/``alpha``/``blocks``/``image_size`` must be those of the model (checked). ``extra`` is added
+    to the metadata (plain values only; it may not replace the keys set here). Returns the metadata.
+    """
+    cfg = lora_config(sam)
+    if cfg is None:
+        raise ValueError("save_adapter: the model has no LoRA injected")
+    alpha = float(rank if alpha is None else alpha)
+    given = {"rank": int(rank), "alpha": alpha, "blocks": sorted(int(b) for b in blocks)}
+    if given != {"rank": cfg["rank"], "alpha": cfg["alpha"], "blocks": cfg["blocks"]}:
+        raise ValueError(f"save_adapter: arguments {given} do not match the injected LoRA {cfg}")
+    size = int(sam.image_encoder.img_size)
+    if int(image_size) != size:
+        raise ValueError(f"save_adapter: image_size {image_size} but the model runs at {size}")
+
+    lora = {k: v.detach().cpu().clone() for k, v in lora_state_dict(sam).items()}
+    meta: dict[str, Any] = {
+        "model": str(base_info["name"]),
+        "checkpoint_md5": base_info.get("checkpoint_md5"),
+        "base": _plain(dict(base_info), "base_info"),
+        "rank": given["rank"],
+        "alpha": alpha,
+        "blocks": given["blocks"],
+        "image_size": size,
+        "train_decoder": bool(train_decoder),
+        "lora_params": int(sum(v.numel() for v in lora.values())),
+        "version": new_version_id(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    for key, value in (extra or {}).items():
+        if key in meta:
+            raise ValueError(f"save_adapter: extra key {key!r} would replace the adapter's own metadata")
+        meta[str(key)] = _plain(value, f"extra.{key}")
+    obj: dict[str, Any] = {
+        "format": ADAPTER_FORMAT,
+        "format_version": ADAPTER_FORMAT_VERSION,
+        "meta": meta,
+        "lora": lora,
+    }
+    if train_decoder:
+        obj["decoder"] = {k: v.detach().cpu().clone() for k, v in sam.mask_decoder.state_dict().items()}
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return meta
+
+
+def _read_adapter(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"adapter {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise UserInputError(
+            f"adapter {path} could not be read; it is corrupt, truncated or not a PyTorch file "
+            f"({type(exc).__name__}: {first})"
+        ) from exc
+    if not isinstance(obj, dict) or obj.get("format") != ADAPTER_FORMAT:
+        raise UserInputError(f"{path} is not a sam-medical LoRA adapter file")
+    if obj.get("format_version") != ADAPTER_FORMAT_VERSION:
+        raise UserInputError(
+            f"adapter {path} has format version {obj.get('format_version')}; this sam-medical reads "
+            f"version {ADAPTER_FORMAT_VERSION}"
+        )
+    meta, lora = obj.get("meta"), obj.get("lora")
+    required = ("model", "rank", "alpha", "blocks", "image_size")
+    if not isinstance(meta, dict) or any(k not in meta for k in required) or not isinstance(lora, dict):
+        raise UserInputError(f"adapter {path} is incomplete (no metadata or no LoRA weights)")
+    if not all(isinstance(v, torch.Tensor) for v in lora.values()):
+        raise UserInputError(f"adapter {path} is corrupt: its LoRA entries are not all tensors")
+    return obj
+
+
+def read_adapter_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of the adapter file at ``path`` (checks that it is one)."""
+    return _read_adapter(path)["meta"]
+
+
+def check_adapter_base(meta: dict[str, Any], base_info: dict[str, Any], source: str = "adapter") -> None:
+    """Refuse an adapter made for another base model than ``base_info``.
+
+    Compares the model name, the checkpoint MD5 (when both are known), random versus checkpoint
+    weights, the seed of random weights, and the input size.
+    """
+    name = base_info.get("name")
+    if meta["model"] != name:
+        raise UserInputError(f"{source} was made for base model {meta['model']}, not {name}")
+    md5_a, md5_b = meta.get("checkpoint_md5"), base_info.get("checkpoint_md5")
+    if md5_a and md5_b and md5_a != md5_b:
+        raise UserInputError(
+            f"{source} was made for the {name} checkpoint with MD5 {md5_a}, but the loaded one has MD5 {md5_b}"
+        )
+    base = meta.get("base") or {}
+    if "random_weights" in base and "random_weights" in base_info:
+        if bool(base["random_weights"]) != bool(base_info["random_weights"]):
+            made = "random" if base["random_weights"] else "checkpoint"
+            raise UserInputError(
+                f"{source} was made for {name} with {made} weights; the loaded model differs"
+            )
+        if base["random_weights"] and base.get("seed") != base_info.get("seed"):
+            raise UserInputError(
+                f"{source} was made for random {name} weights with seed {base.get('seed')}, "
+                f"not seed {base_info.get('seed')}"
+            )
+    size = base_info.get("image_size")
+    if size is not None and int(meta["image_size"]) != int(size):
+        raise UserInputError(f"{source} was made for input size {meta['image_size']}, not {size}")
+
+
+def load_adapter(
+    sam: Sam, path: str | os.PathLike, *, base_info: dict[str, Any] | None = None, inject: bool = True
+) -> dict[str, Any]:
+    """Load the adapter at ``path`` into ``sam``; return its metadata.
+
+    Injects LoRA with the file's rank/alpha/blocks if the model has none (``inject=True``). When LoRA is
+    already there, rank and blocks must match (alpha is taken from the file). Merged adapters are
+    unmerged, replaced, and merged again. The mask decoder is replaced when the file holds one, and
+    restored to the base model's decoder when it does not (so adapters can be swapped in turn).
+
+    Raises:
+        UserInputError: not an adapter / corrupt file; made for another base model, checkpoint, input
+            size or rank.
+    """
+    obj = _read_adapter(path)
+    meta = obj["meta"]
+    source = f"adapter {path}"
+    if base_info is not None:
+        check_adapter_base(meta, base_info, source)
+    size = int(sam.image_encoder.img_size)
+    if int(meta["image_size"]) != size:
+        raise UserInputError(
+            f"{source} was made for input size {meta['image_size']}, but the model runs at {size}"
+        )
+
+    rank, alpha, blocks = int(meta["rank"]), float(meta["alpha"]), sorted(int(b) for b in meta["blocks"])
+    cfg = lora_config(sam)
+    if cfg is None:
+        if not inject:
+            raise UserInputError(f"{source}: the model has no LoRA injected")
+        inject_lora(sam, rank=rank, alpha=alpha, blocks=blocks, seed=0)  # A is overwritten below
+    else:
+        if cfg["rank"] != rank:
+            raise UserInputError(f"{source} has LoRA rank {rank}, but the model has rank {cfg['rank']}")
+        if cfg["blocks"] != blocks:
+            raise UserInputError(
+                f"{source} adapts encoder blocks {blocks}, but the model has LoRA on {cfg['blocks']}"
+            )
+
+    current = lora_state_dict(sam)
+    lora = obj["lora"]
+    bad = sorted(set(current) ^ set(lora)) + [
+        k for k in current if k in lora and tuple(lora[k].shape) != tuple(current[k].shape)
+    ]
+    if bad:
+        raise UserInputError(
+            f"{source} is corrupt or does not fit this model: LoRA entries differ, e.g. {bad[:3]}"
+        )
+
+    decoder = obj.get("decoder")
+    if decoder is not None:
+        want = sam.mask_decoder.state_dict()
+        if (
+            not isinstance(decoder, dict)
+            or set(decoder) != set(want)
+            or any(
+                not isinstance(decoder[k], torch.Tensor) or decoder[k].shape != want[k].shape for k in want
+            )
+        ):
+            raise UserInputError(f"{source} holds a mask decoder that does not fit this model")
+
+    mods = lora_modules(sam)
+    was_merged = any(m.merged for m in mods.values())
+    unmerge_lora(sam)
+    for m in mods.values():
+        m.alpha = alpha
+    params = dict(sam.named_parameters())
+    with torch.no_grad():
+        for key, value in lora.items():
+            params[key].copy_(value)
+        if decoder is not None:
+            if not hasattr(sam, _BASE_DECODER_ATTR):
+                base = {k: v.detach().clone() for k, v in sam.mask_decoder.state_dict().items()}
+                object.__setattr__(sam, _BASE_DECODER_ATTR, base)
+            sam.mask_decoder.load_state_dict(decoder, strict=True)
+        elif hasattr(sam, _BASE_DECODER_ATTR):
+            sam.mask_decoder.load_state_dict(getattr(sam, _BASE_DECODER_ATTR), strict=True)
+    if was_merged:
+        merge_lora(sam)
+    return meta

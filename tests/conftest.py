@@ -1,0 +1,39 @@
+"""Shared fixtures: small seeded SAM models and canvases (torch is imported inside the fixtures)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+
+@pytest.fixture
+def tiny_model() -> tuple[Any, dict]:
+    """``(sam, base_info)``: the ``tiny`` SAM at input size 256, seed 0, eval mode, CPU (fresh per test)."""
+    from sam_medical.models import build_sam
+
+    return build_sam("tiny", image_size=256, seed=0)
+
+
+@pytest.fixture
+def tiny_sam(tiny_model):
+    """The ``tiny`` SAM alone (see :func:`tiny_model`)."""
+    return tiny_model[0]
+
+
+@pytest.fixture
+def tiny_base_info(tiny_model) -> dict:
+    return tiny_model[1]
+
+
+@pytest.fixture
+def canvases():
+    """Two deterministic ``(256, 256, 3)`` uint8 canvases with a bright disc and a dark square on noise."""
+    import torch
+
+    g = torch.Generator().manual_seed(1234)
+    img = torch.randint(0, 60, (2, 256, 256), generator=g, dtype=torch.int64)
+    yy, xx = torch.meshgrid(torch.arange(256), torch.arange(256), indexing="ij")
+    img[0][((yy - 100) ** 2 + (xx - 120) ** 2) < 40**2] += 150
+    img[1][(yy > 60) & (yy < 140) & (xx > 30) & (xx < 90)] += 190
+    return img.clamp(0, 255).to(torch.uint8)[..., None].expand(-1, -1, -1, 3).contiguous()
