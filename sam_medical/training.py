@@ -1,0 +1,1003 @@
+"""LoRA fine-tuning of SAM's image encoder on ``.npz`` slice files.
+
+The recipe (SAMed / MedSAM):
+
+* model: :func:`sam_medical.models.build_sam`, LoRA on q and v of every encoder block
+  (:func:`sam_medical.lora.inject_lora`), base frozen; optionally the mask decoder trained too;
+* data: :class:`sam_medical.data.NpzSliceDataset` items (slice x label, binary target) with random
+  prompts (:class:`sam_medical.prompts.TrainPromptSampler`), split into training and validation by
+  volume, read case by case (:class:`sam_medical.data.CaseGroupedSampler`);
+* loss: MONAI ``DiceCELoss(sigmoid=True, lambda_dice=0.8, lambda_ce=0.2)`` (SAMed's 0.8 Dice + 0.2 CE)
+  on the decoder's **low-resolution** logits ``(B, 1, S/4, S/4)``. The binary canvas target
+  ``(B, 1, 256, 256)`` is brought to ``S/4`` by *area averaging* (``F.interpolate(mode="area")``): each
+  low-res target pixel is the fraction of its footprint covered by the object, a soft target in
+  ``[0, 1]``, so a structure thinner than one low-res pixel still pulls the logits up instead of
+  vanishing as it would with nearest-neighbour resizing. (At ``S = 1024`` the low-res grid is the
+  canvas itself and the target is unchanged.);
+* optimiser: AdamW on the trainable parameters, linear warm-up then cosine decay to 0
+  (``torch.optim.lr_scheduler.LambdaLR``), gradient accumulation, bf16 autocast on CUDA when supported
+  (else fp16 with a ``GradScaler``), fp32 on the CPU;
+* validation: MONAI ``DiceMetric`` of the thresholded canvas mask (logits upsampled to 256, > 0, zero
+  outside the image region of the canvas) with deterministic prompts (tight box; interior point first),
+  before the first step (``initial_val_dice``) and after every epoch. The prompt kinds validated follow
+  the training mode (``both`` validates box alone and point alone and averages them);
+* multi-process: under ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``) the model is wrapped in
+  ``DistributedDataParallel`` (NCCL on CUDA, gloo on the CPU); each rank reads its own share of the
+  case-grouped order and scores its share of the validation items (Dice sums are all-reduced); rank 0
+  alone writes files.
+
+Files in the run folder (all written atomically except the append-only log):
+
+* ``adapter.pt`` -- the best adapter so far (:func:`sam_medical.lora.save_adapter`, ``extra`` holds
+  ``val_dice`` and ``epoch``). Epoch 0 (the starting adapter) counts, so the file exists from the first
+  validation on and the served model is never one that validated worse than where training started;
+* ``last.pt`` -- everything to resume: trainable tensors, optimiser, scheduler, scaler, epoch, position
+  in the epoch, step, best so far, RNG states;
+* ``log.jsonl`` -- one JSON line per epoch (``event: "epoch"``; epoch 0 is the initial validation),
+  optionally every ``log_every`` steps (``event: "step"``), and one line when a run is stopped;
+* ``summary.json`` -- the outcome (see :func:`train`).
+
+Stopping: a ``STOP`` file in the run folder, ``stop_event.set()``, or (in the CLI) Ctrl-C ends the run
+after the current optimiser step: ``last.pt`` and ``summary.json`` (``stopped_early: true``) are
+written and the best ``adapter.pt`` is kept. A ``STOP`` file left from an earlier run is removed when a
+run starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .atomic import atomic_path, write_json_atomic
+from .errors import UserInputError
+from .prompts import PROMPT_MODES
+
+if TYPE_CHECKING:
+    from segment_anything.modeling import Sam
+
+STATE_FORMAT = "sam-medical-train-state"
+STATE_FORMAT_VERSION = 1
+#: Set to 1 to make every rank write ``rank{r}_lora_sha.txt`` (hash of its trainable tensors at the
+#: start and the end): the check that DDP ranks end with identical adapters.
+DEBUG_HASH_ENV = "SAM_MEDICAL_DEBUG_RANK_HASH"
+LAMBDA_DICE = 0.8
+LAMBDA_CE = 0.2
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (the CLI flags of ``sam-medical train``).
+
+    ``warmup_steps=None`` means 5% of the run's optimiser steps. ``max_steps`` caps the optimiser steps
+    of the whole run (the schedule is laid out over ``min(max_steps, epochs * steps_per_epoch)``).
+    ``val_fraction=0`` validates on the training cases (reported as ``val_on_train``).
+    """
+
+    data: str
+    out: str
+    model: str = "tiny"
+    checkpoint: str | None = None
+    random_weights: bool = False
+    image_size: int = 256
+    epochs: int = 10
+    max_steps: int | None = None
+    lora_rank: int = 4
+    lora_alpha: float | None = None
+    lora_blocks: list[int] | None = None
+    prompt: str = "box"
+    num_points: int = 1
+    num_bg_points: int = 0
+    box_jitter: int = 5
+    drop_prob: float = 0.5
+    train_decoder: bool = False
+    val_fraction: float = 0.2
+    val_max_items: int | None = None
+    label_values: list[int] | None = None
+    seed: int = 0
+    batch_size: int = 4
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int | None = None
+    grad_accum: int = 1
+    device: str = "auto"
+    resume: bool = False
+    workers: int = 0
+    cache_size: int = 2
+    adapter_init: str | None = None
+    cache_dir: str | None = None
+    download: bool = True
+    log_every: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        """Raise :class:`UserInputError` for values no run can use."""
+        positive = {
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "grad_accum": self.grad_accum,
+            "lora_rank": self.lora_rank,
+            "num_points": self.num_points,
+            "cache_size": self.cache_size,
+        }
+        for name, value in positive.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserInputError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise UserInputError(f"--max-steps must be >= 1, got {self.max_steps}")
+        if self.prompt not in PROMPT_MODES:
+            raise UserInputError(f"--prompt must be one of {', '.join(PROMPT_MODES)}, got {self.prompt!r}")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise UserInputError("--lr must be > 0 and --weight-decay >= 0")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise UserInputError("--warmup-steps must be >= 0")
+        if self.box_jitter < 0 or self.num_bg_points < 0 or self.workers < 0 or self.log_every < 0:
+            raise UserInputError("--box-jitter, --num-bg-points, --workers and --log-every must be >= 0")
+        if not 0.0 <= self.drop_prob <= 1.0:
+            raise UserInputError(f"drop probability must be in [0, 1], got {self.drop_prob}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise UserInputError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.val_max_items is not None and self.val_max_items < 1:
+            raise UserInputError("val_max_items must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def val_kinds(self) -> list[str]:
+        """The deterministic prompt kinds validated for this training mode."""
+        return {"box": ["box"], "points": ["point"], "both": ["box", "point"]}[self.prompt]
+
+
+# --- small helpers ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands in a ``torchrun`` job (``world_size == 1`` when not distributed)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> DistInfo:
+        return cls(
+            int(os.environ.get("RANK", 0)),
+            int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)),
+        )
+
+
+def resolve_device(name: str, dist: DistInfo | None = None) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; under DDP on CUDA, ``cuda:LOCAL_RANK``."""
+    dist = dist or DistInfo()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserInputError("--device cuda was asked for, but no CUDA device is available")
+        if name == "cuda":
+            return torch.device("cuda", dist.local_rank if dist.distributed else torch.cuda.current_device())
+    return torch.device(name)
+
+
+def amp_dtype_for(device: torch.device) -> torch.dtype | None:
+    """bf16 on CUDA when supported, else fp16 on CUDA; None (fp32) on the CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
+    """LR factor at optimiser step ``s``: linear warm-up ``(s+1)/warmup``, then cosine from 1 to 0."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def area_target(target: torch.Tensor, size: int) -> torch.Tensor:
+    """Binary canvas target ``(B, 1, 256, 256)`` -> soft target ``(B, 1, size, size)`` by area averaging.
+
+    Each output pixel is the covered fraction of its footprint (see the module docstring).
+    """
+    if target.shape[-1] == size:
+        return target
+    return F.interpolate(target, size=(size, size), mode="area")
+
+
+def trainable_state(sam: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters by name, detached CPU copies."""
+    return {n: p.detach().cpu().clone() for n, p in sam.named_parameters() if p.requires_grad}
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names and raw bytes of ``tensors`` (sorted by name)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def decode_grouped(
+    sam: Sam,
+    embeddings: torch.Tensor,
+    points: torch.Tensor,
+    point_labels: torch.Tensor,
+    box: torch.Tensor,
+    has_box: torch.Tensor,
+) -> torch.Tensor:
+    """Decode a batch whose items carry different prompt kinds, each exactly as at inference time.
+
+    Items are grouped by (box given, clicks given); each group is decoded with ``boxes=None`` or
+    ``points=None`` where its prompt lacks that part (SAM then pads as it does for a user's prompt).
+
+    Args:
+        embeddings: ``(B, C, S/16, S/16)``.
+        points: ``(B, P, 2)`` canvas ``[x, y]``; ``point_labels (B, P)``, -1 padding; an item with only
+            padding has no clicks.
+        box: ``(B, 4)`` canvas ``[x0, y0, x1, y1]``; ``has_box (B,)`` bool.
+
+    Returns:
+        Low-resolution logits ``(B, 1, S/4, S/4)`` in the batch's order.
+    """
+    from .sam_forward import decode
+
+    device = embeddings.device
+    has_box = has_box.to(device=device, dtype=torch.bool)
+    has_points = (point_labels >= 0).any(dim=1).to(device)
+    if not bool((has_box | has_points).all()):
+        raise ValueError("every item needs a box or at least one click")
+    outs, order = [], []
+    for hb in (True, False):
+        for hp in (True, False):
+            idx = torch.nonzero((has_box == hb) & (has_points == hp)).flatten()
+            if idx.numel() == 0:
+                continue
+            low, _ = decode(
+                sam,
+                embeddings[idx],
+                points=points[idx.to(points.device)] if hp else None,
+                point_labels=point_labels[idx.to(point_labels.device)] if hp else None,
+                boxes=box[idx.to(box.device)] if hb else None,
+            )
+            outs.append(low)
+            order.append(idx)
+    if len(outs) == 1:
+        return outs[0]
+    inverse = torch.argsort(torch.cat(order))
+    return torch.cat(outs)[inverse]
+
+
+class PromptedSam(nn.Module):
+    """SAM as one module from canvases and prompts to low-res logits (what DDP wraps).
+
+    ``forward(image (B,256,256,3) uint8, points (B,P,2), point_labels (B,P), box (B,4), has_box (B,))``
+    -> ``(B, 1, S/4, S/4)`` logits.
+    """
+
+    def __init__(self, sam: Sam) -> None:
+        super().__init__()
+        self.sam = sam
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        points: torch.Tensor,
+        point_labels: torch.Tensor,
+        box: torch.Tensor,
+        has_box: torch.Tensor,
+    ) -> torch.Tensor:
+        from .sam_forward import canvas_to_input, encode
+
+        embeddings = encode(self.sam, canvas_to_input(self.sam, image))
+        return decode_grouped(self.sam, embeddings, points, point_labels, box, has_box)
+
+
+@torch.no_grad()
+def dice_sums(
+    sam: Sam,
+    loader: Any,
+    kinds: list[str],
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+) -> dict[str, tuple[float, int]]:
+    """Sum and count of per-item Dice, per prompt kind, over ``loader`` (deterministic prompts).
+
+    Each image is encoded once and decoded once per kind (``"box"``: the tight box; ``"point"``: the
+    clicks; ``"box+point"``: both). Predictions are ``logits_to_canvas(low_res) > 0`` on the 256 canvas,
+    set to 0 outside ``valid_hw``; Dice per item by MONAI ``DiceMetric``. Sums rather than means so that
+    DDP ranks can add theirs (MONAI's own ``aggregate`` would gather across ranks by itself, which only
+    works when every rank validates).
+    """
+    from monai.metrics import DiceMetric
+
+    from .sam_forward import canvas_to_input, decode, encode, logits_to_canvas
+
+    was_training = sam.training
+    sam.eval()
+    metric = DiceMetric(include_background=True, reduction="none")
+    sums = {k: [0.0, 0] for k in kinds}
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    )
+    for batch in loader:
+        image = batch["image"].to(device, non_blocking=True)
+        target = batch["target"].to(device)
+        valid = torch.zeros_like(target, dtype=torch.bool)
+        for b, (h, w) in enumerate(batch["valid_hw"].tolist()):
+            valid[b, :, :h, :w] = True
+        with autocast:
+            emb = encode(sam, canvas_to_input(sam, image))
+            for kind in kinds:
+                use_points = "point" in kind
+                low, _ = decode(
+                    sam,
+                    emb,
+                    points=batch["points"] if use_points else None,
+                    point_labels=batch["point_labels"] if use_points else None,
+                    boxes=batch["box"] if "box" in kind else None,
+                )
+                pred = (logits_to_canvas(low.float()) > 0) & valid
+                per_item = metric(y_pred=pred.float(), y=target).flatten()  # (B,), nan for empty targets
+                metric.reset()
+                ok = ~torch.isnan(per_item)
+                sums[kind][0] += float(per_item[ok].sum())
+                sums[kind][1] += int(ok.sum())
+    sam.train(was_training)
+    return {k: (v[0], v[1]) for k, v in sums.items()}
+
+
+def mean_dice(sums: dict[str, tuple[float, int]]) -> dict[str, float]:
+    """``{kind: mean Dice}`` plus ``"mean"``, the mean over kinds (0 for a kind with no item)."""
+    out = {k: (s / n if n else 0.0) for k, (s, n) in sums.items()}
+    out["mean"] = float(sum(out.values()) / len(out))
+    return out
+
+
+def validate(
+    sam: Sam, loader: Any, kinds: list[str], device: torch.device, amp_dtype: torch.dtype | None = None
+) -> dict[str, float]:
+    """Mean Dice per prompt kind over ``loader`` (one process), plus ``"mean"``; see :func:`dice_sums`."""
+    return mean_dice(dice_sums(sam, loader, kinds, device, amp_dtype))
+
+
+# --- the trainer --------------------------------------------------------------------------------
+
+
+class Trainer:
+    """One training run; :func:`train` is ``Trainer(config, ...).run()``.
+
+    After :meth:`setup` (called by :meth:`run`), ``self.sam`` is the model being trained (tests inspect
+    it), ``self.base_info`` its base model, ``self.train_ds``/``self.val_ds`` the datasets.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        progress: bool = True,
+        stop_event: threading.Event | None = None,
+        on_epoch: Callable[[dict[str, Any]], None] | None = None,
+        on_step: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.progress = progress
+        self.stop_event = stop_event or threading.Event()
+        self.on_epoch = on_epoch
+        self.on_step = on_step
+        self.dist = DistInfo.from_env()
+        self.out = Path(config.out)
+        self._init_group = False
+
+    # --- files ----------------------------------------------------------------------------------
+    @property
+    def adapter_path(self) -> Path:
+        return self.out / "adapter.pt"
+
+    @property
+    def last_path(self) -> Path:
+        return self.out / "last.pt"
+
+    @property
+    def log_path(self) -> Path:
+        return self.out / "log.jsonl"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.out / "summary.json"
+
+    @property
+    def stop_path(self) -> Path:
+        return self.out / "STOP"
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.dist.is_main:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _say(self, text: str) -> None:
+        if self.dist.is_main and self.progress:
+            print(text, file=sys.stderr, flush=True)
+
+    # --- setup ----------------------------------------------------------------------------------
+    def _init_distributed(self) -> None:
+        import torch.distributed as tdist
+
+        if self.dist.distributed and not tdist.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            tdist.init_process_group(backend=backend, timeout=timedelta(hours=1))
+            self._init_group = True
+
+    def setup(self) -> None:
+        """Data, model, optimiser, scheduler; resume or adapter initialisation. Raises UserInputError."""
+        from torch.utils.data import DataLoader, Subset
+
+        from . import lora
+        from .data import CaseGroupedSampler, NpzSliceDataset, list_npz, split_cases
+        from .models import build_sam, count_parameters
+        from .prompts import TrainPromptSampler
+
+        cfg = self.config
+        cfg.check()
+        self.device = resolve_device(cfg.device, self.dist)
+        self.amp_dtype = amp_dtype_for(self.device)
+        if cfg.resume and not self.last_path.is_file():
+            raise UserInputError(f"cannot resume: {self.last_path} does not exist")
+
+        # data (before the model: bad data is the most common mistake and the cheapest to find)
+        files = list_npz(cfg.data)
+        train_files, val_files = split_cases(files, cfg.val_fraction, cfg.seed)
+        self.val_on_train = not val_files
+        self.prompt_sampler = TrainPromptSampler(
+            cfg.prompt, cfg.box_jitter, cfg.num_points, cfg.num_bg_points, cfg.drop_prob
+        )
+        self.train_ds = NpzSliceDataset(
+            train_files,
+            cfg.label_values,
+            prompt_sampler=self.prompt_sampler,
+            cache_size=cfg.cache_size,
+            seed=cfg.seed,
+        )
+        try:
+            self.val_ds = NpzSliceDataset(
+                val_files or train_files,
+                cfg.label_values,
+                prompt_sampler=self.prompt_sampler,
+                deterministic_seed=cfg.seed,
+                cache_size=cfg.cache_size,
+            )
+        except UserInputError as exc:
+            raise UserInputError(f"validation cases {[f.name for f in val_files]}: {exc}") from None
+        val_index = list(range(len(self.val_ds)))
+        if cfg.val_max_items is not None and len(val_index) > cfg.val_max_items:
+            step = len(val_index) / cfg.val_max_items
+            val_index = [int(i * step) for i in range(cfg.val_max_items)]
+        self.val_items = len(val_index)
+        # DDP: rank r scores items r, r + W, ... (contiguous runs would balance worse across cases)
+        val_items = Subset(self.val_ds, val_index[self.dist.rank :: self.dist.world_size])
+        self.train_sampler = CaseGroupedSampler(
+            self.train_ds, shuffle=True, seed=cfg.seed, rank=self.dist.rank, world_size=self.dist.world_size
+        )
+        pin = self.device.type == "cuda"
+        self.train_loader = DataLoader(
+            self.train_ds,
+            batch_size=cfg.batch_size,
+            sampler=self.train_sampler,
+            num_workers=cfg.workers,
+            pin_memory=pin,
+        )
+        self.val_loader = DataLoader(
+            val_items, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers, pin_memory=pin
+        )
+        self.micro_per_epoch = math.ceil(len(self.train_sampler) / cfg.batch_size)
+        self.steps_per_epoch = math.ceil(self.micro_per_epoch / cfg.grad_accum)
+        planned = cfg.epochs * self.steps_per_epoch
+        self.total_steps = min(planned, cfg.max_steps) if cfg.max_steps else planned
+
+        # model
+        init_meta = lora.read_adapter_meta(cfg.adapter_init) if cfg.adapter_init else None
+        sam, self.base_info = build_sam(
+            cfg.model,
+            image_size=cfg.image_size,
+            checkpoint=cfg.checkpoint,
+            random_weights=cfg.random_weights,
+            seed=cfg.seed,
+            cache_dir=cfg.cache_dir,
+            download=cfg.download,
+        )
+        self.blocks = lora.inject_lora(
+            sam, rank=cfg.lora_rank, alpha=cfg.lora_alpha, blocks=cfg.lora_blocks, seed=cfg.seed
+        )
+        self.save_decoder = cfg.train_decoder
+        if init_meta is not None:
+            alpha = float(cfg.lora_rank if cfg.lora_alpha is None else cfg.lora_alpha)
+            theirs = (int(init_meta["rank"]), float(init_meta["alpha"]), sorted(init_meta["blocks"]))
+            if theirs != (cfg.lora_rank, alpha, self.blocks):
+                raise UserInputError(
+                    f"--adapter-init {cfg.adapter_init} has LoRA rank {theirs[0]}, alpha {theirs[1]:g} on "
+                    f"blocks {theirs[2]}, but this run uses rank {cfg.lora_rank}, alpha {alpha:g} on blocks "
+                    f"{self.blocks} (set --lora-rank/--lora-alpha/--lora-blocks to match)"
+                )
+            lora.load_adapter(sam, cfg.adapter_init, base_info=self.base_info, inject=False)
+            # a decoder that came with the starting adapter is kept in the adapters this run saves
+            self.save_decoder = cfg.train_decoder or bool(init_meta.get("train_decoder"))
+        lora.set_trainable(sam, cfg.train_decoder)
+        self.sam = sam.to(self.device)
+        self.trainable_params = count_parameters(sam, trainable_only=True)
+        self.params = [p for p in sam.parameters() if p.requires_grad]
+
+        self._init_distributed()
+        self.module: nn.Module = PromptedSam(self.sam)
+        if self.dist.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            # the IoU head is not in the loss: its parameters get no gradient when the decoder trains
+            self.module = DDP(
+                self.module,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=cfg.train_decoder,
+            )
+
+        from monai.losses import DiceCELoss
+
+        self.loss_fn = DiceCELoss(sigmoid=True, lambda_dice=LAMBDA_DICE, lambda_ce=LAMBDA_CE)
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, round(0.05 * self.total_steps))
+        self.warmup = min(warmup, self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(self.warmup, self.total_steps)
+        )
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+
+        # progress state
+        self.epoch = 0  # last epoch begun (1-based); 0 = nothing trained yet
+        self.micro_done = 0  # micro-batches of `epoch` already consumed (when stopped mid-epoch)
+        self.step = 0
+        self.initial_val_dice: float | None = None
+        self.best_val_dice = -1.0
+        self.best_epoch = -1
+        self.elapsed_before = 0.0
+        self.epoch_loss_sum = 0.0
+        self.epoch_loss_count = 0
+        self.history: list[dict[str, Any]] = []
+        if cfg.resume:
+            self._load_state()
+
+    # --- resumable state ------------------------------------------------------------------------
+    def _identity(self) -> dict[str, Any]:
+        cfg = self.config
+        base = {
+            k: self.base_info.get(k)
+            for k in ("name", "image_size", "checkpoint_md5", "random_weights", "seed")
+        }
+        return {
+            "base": base,
+            "rank": cfg.lora_rank,
+            "alpha": float(cfg.lora_rank if cfg.lora_alpha is None else cfg.lora_alpha),
+            "blocks": list(self.blocks),
+            "train_decoder": cfg.train_decoder,
+        }
+
+    def _save_state(self, elapsed: float) -> None:
+        if not self.dist.is_main:
+            return
+        state = {
+            "format": STATE_FORMAT,
+            "format_version": STATE_FORMAT_VERSION,
+            "identity": self._identity(),
+            "trainable": trainable_state(self.sam),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "micro_done": self.micro_done,
+            "epoch_loss_sum": self.epoch_loss_sum,
+            "epoch_loss_count": self.epoch_loss_count,
+            "step": self.step,
+            "initial_val_dice": self.initial_val_dice,
+            "best_val_dice": self.best_val_dice,
+            "best_epoch": self.best_epoch,
+            "elapsed": elapsed,
+            "train_cases": self.train_ds.case_names,
+            "train_items": len(self.train_ds),
+            "world_size": self.dist.world_size,
+            "batch_size": self.config.batch_size,
+            "history": json.dumps(self.history),
+            "save_decoder": self.save_decoder,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+        with atomic_path(self.last_path) as tmp:
+            torch.save(state, tmp)
+
+    def _load_state(self) -> None:
+        try:
+            state = torch.load(self.last_path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise UserInputError(
+                f"cannot resume: {self.last_path} could not be read ({type(exc).__name__})"
+            ) from exc
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise UserInputError(f"cannot resume: {self.last_path} is not a sam-medical training state")
+        saved, current = state["identity"], self._identity()
+        for key in ("base", "rank", "alpha", "blocks", "train_decoder"):
+            if saved.get(key) != current.get(key):
+                raise UserInputError(
+                    f"cannot resume from {self.last_path}: it was made with {key} = {saved.get(key)}, "
+                    f"but this run has {key} = {current.get(key)}"
+                )
+        params = dict(self.sam.named_parameters())
+        trainable = state["trainable"]
+        if set(trainable) != {n for n, p in params.items() if p.requires_grad}:
+            raise UserInputError(
+                f"cannot resume from {self.last_path}: its trainable tensors do not fit this model"
+            )
+        with torch.no_grad():
+            for name, value in trainable.items():
+                params[name].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch = int(state["epoch"])
+        self.micro_done = int(state["micro_done"])
+        self.epoch_loss_sum = float(state["epoch_loss_sum"])
+        self.epoch_loss_count = int(state["epoch_loss_count"])
+        self.step = int(state["step"])
+        # the schedule follows this run's --lr, --epochs and --max-steps (a resumed run may be given more)
+        factor = lr_lambda(self.warmup, self.total_steps)(self.step)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = self.config.lr
+            group["lr"] = self.config.lr * factor
+        self.scheduler.base_lrs = [self.config.lr for _ in self.optimizer.param_groups]
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        self.initial_val_dice = state["initial_val_dice"]
+        self.best_val_dice = float(state["best_val_dice"])
+        self.best_epoch = int(state["best_epoch"])
+        self.elapsed_before = float(state["elapsed"])
+        self.history = json.loads(state["history"])
+        self.save_decoder = bool(state.get("save_decoder", self.save_decoder))
+        same_data = (
+            state["train_cases"] == self.train_ds.case_names
+            and state["train_items"] == len(self.train_ds)
+            and state["world_size"] == self.dist.world_size
+            and state["batch_size"] == self.config.batch_size
+        )
+        if self.micro_done and not same_data:
+            self._say("resume: the data, batch size or world size changed; the interrupted epoch restarts")
+            self.micro_done = 0
+            self.epoch_loss_sum, self.epoch_loss_count = 0.0, 0
+        torch.set_rng_state(state["torch_rng"])
+        if torch.cuda.is_available() and state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+    # --- pieces of the loop ---------------------------------------------------------------------
+    def _validate(self) -> dict[str, float]:
+        """Validation Dice; under DDP each rank scores its share of the items and the sums are added."""
+        kinds = self.config.val_kinds()
+        sums = dice_sums(self.sam, self.val_loader, kinds, self.device, self.amp_dtype)
+        if self.dist.distributed:
+            import torch.distributed as tdist
+
+            t = torch.tensor(
+                [x for k in kinds for x in sums[k]], dtype=torch.float64, device=self._comm_device
+            )
+            tdist.all_reduce(t)
+            values = t.tolist()
+            sums = {k: (values[2 * i], int(values[2 * i + 1])) for i, k in enumerate(kinds)}
+        return mean_dice(sums)
+
+    @property
+    def _comm_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    def _stop_requested(self) -> bool:
+        """Stop event, stop file (rank 0) or a signal on any rank; agreed across ranks."""
+        local = self.stop_event.is_set() or (self.dist.is_main and self.stop_path.exists())
+        if self.dist.distributed:
+            import torch.distributed as tdist
+
+            flag = torch.tensor([1.0 if local else 0.0], device=self._comm_device)
+            tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+            local = bool(flag.item() > 0)
+        return local
+
+    def _save_best(self, val_dice: float, epoch: int) -> None:
+        from . import lora
+
+        if self.dist.is_main:
+            lora.save_adapter(
+                self.sam,
+                self.adapter_path,
+                base_info=self.base_info,
+                rank=self.config.lora_rank,
+                alpha=self.config.lora_alpha,
+                blocks=self.blocks,
+                image_size=self.config.image_size,
+                train_decoder=self.save_decoder,
+                extra={
+                    "val_dice": val_dice,
+                    "epoch": epoch,
+                    "step": self.step,
+                    "val_kinds": self.config.val_kinds(),
+                },
+            )
+
+    def _end_epoch_record(self, epoch: int, val: dict[str, float], seconds: float) -> dict[str, Any]:
+        loss = self.epoch_loss_sum / self.epoch_loss_count if self.epoch_loss_count else None
+        if self.dist.distributed and epoch > 0:
+            import torch.distributed as tdist
+
+            t = torch.tensor(
+                [self.epoch_loss_sum, float(self.epoch_loss_count)],
+                dtype=torch.float64,
+                device=self._comm_device,
+            )
+            tdist.all_reduce(t)
+            loss = float(t[0] / t[1]) if t[1] > 0 else None
+        record = {
+            "event": "epoch",
+            "epoch": epoch,
+            "step": self.step,
+            "loss": loss,
+            "val_dice": val["mean"],
+            **{f"val_dice_{k.replace('+', '_')}": val[k] for k in self.config.val_kinds()},
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "seconds": round(seconds, 3),
+            "best": False,
+        }
+        return record
+
+    def _train_micro(self, batch: dict[str, Any], scale: float, sync: bool) -> float:
+        """Forward + backward of one micro-batch; returns its loss. ``scale`` = 1 / accumulation size."""
+        dev = self.device
+        image = batch["image"].to(dev, non_blocking=True)
+        target = batch["target"].to(dev, non_blocking=True)
+        args = (
+            image,
+            batch["points"].to(dev),
+            batch["point_labels"].to(dev),
+            batch["box"].to(dev),
+            batch["has_box"].to(dev),
+        )
+        no_sync = (
+            self.module.no_sync() if self.dist.distributed and not sync else contextlib.nullcontext()  # type: ignore[operator]
+        )
+        autocast = (
+            torch.autocast(device_type=dev.type, dtype=self.amp_dtype)
+            if self.amp_dtype
+            else contextlib.nullcontext()
+        )
+        with no_sync:
+            with autocast:
+                low = self.module(*args)
+            low = low.float()
+            loss = self.loss_fn(low, area_target(target, low.shape[-1]))
+            self.scaler.scale(loss * scale).backward()
+        return float(loss.detach())
+
+    def _optimizer_step(self) -> None:
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+
+    def _write_summary(
+        self, *, stopped_early: bool, stop_reason: str | None, seconds: float, final: dict | None
+    ) -> dict:
+        cfg = self.config
+        summary = {
+            "initial_val_dice": self.initial_val_dice,
+            "best_val_dice": self.best_val_dice,
+            "best_epoch": self.best_epoch,
+            "final_val_dice": final["mean"] if final else None,
+            "epochs": self.epoch,
+            "epochs_planned": cfg.epochs,
+            "steps": self.step,
+            "steps_planned": self.total_steps,
+            "steps_per_epoch": self.steps_per_epoch,
+            "trainable_params": self.trainable_params,
+            "seconds": round(seconds, 3),
+            "stopped_early": stopped_early,
+            "stop_reason": stop_reason,
+            "train_cases": self.train_ds.case_names,
+            "val_cases": [] if self.val_on_train else self.val_ds.case_names,
+            "val_on_train": self.val_on_train,
+            "val_kinds": cfg.val_kinds(),
+            "train_items": len(self.train_ds),
+            "val_items": self.val_items,
+            "labels": self.train_ds.labels_present(),
+            "adapter": str(self.adapter_path) if self.adapter_path.is_file() else None,
+            "base": self.base_info,
+            "device": str(self.device),
+            "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "fp32",
+            "world_size": self.dist.world_size,
+            "config": cfg.to_dict(),
+        }
+        if self.dist.is_main:
+            write_json_atomic(self.summary_path, summary)
+        return summary
+
+    def _debug_hash(self, tag: str) -> None:
+        if os.environ.get(DEBUG_HASH_ENV) == "1":
+            with open(self.out / f"rank{self.dist.rank}_lora_sha.txt", "a") as f:
+                f.write(f"{tag} {tensors_sha256(trainable_state(self.sam))}\n")
+
+    # --- the loop -------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Train; return the summary (also written to ``summary.json`` by rank 0)."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        if self.dist.is_main and self.stop_path.exists():  # left from an earlier run
+            self.stop_path.unlink()
+        try:
+            self.setup()  # raises UserInputError before anything is written
+            self.out.mkdir(parents=True, exist_ok=True)
+            if self.dist.is_main and not cfg.resume:
+                with atomic_path(self.log_path) as tmp:  # a fresh run starts a fresh log
+                    tmp.write_text("")
+            self._debug_hash("start")
+            start = time.perf_counter()
+
+            def elapsed() -> float:
+                return self.elapsed_before + time.perf_counter() - start
+
+            if self.initial_val_dice is None:
+                t0 = time.perf_counter()
+                val = self._validate()
+                self.initial_val_dice = val["mean"]
+                self.best_val_dice, self.best_epoch = val["mean"], 0
+                self._save_best(val["mean"], 0)
+                record = self._end_epoch_record(0, val, time.perf_counter() - t0)
+                record["best"] = True
+                self._finish_epoch_record(record)
+                self._say(f"initial validation Dice {val['mean']:.4f} ({self.val_items} items)")
+
+            stop_reason: str | None = None
+            final: dict[str, float] | None = None
+            self.sam.train()
+            show = self.progress and self.dist.is_main and sys.stderr.isatty()
+            while self.step < self.total_steps and stop_reason is None:
+                if self.micro_done == 0:
+                    self.epoch += 1
+                    self.epoch_loss_sum, self.epoch_loss_count = 0.0, 0
+                if self.epoch > cfg.epochs:
+                    self.epoch = cfg.epochs
+                    break
+                epoch, t0 = self.epoch, time.perf_counter()
+                skip = self.micro_done * cfg.batch_size
+                self.train_sampler.set_epoch(epoch, start=min(skip, self.train_sampler.num_samples))
+                self.train_ds.set_epoch(epoch)
+                bar = tqdm(
+                    total=self.micro_per_epoch,
+                    initial=self.micro_done,
+                    desc=f"epoch {epoch}/{cfg.epochs}",
+                    disable=not show,
+                    leave=False,
+                )
+                for batch in self.train_loader:
+                    m = self.micro_done
+                    group_start = (m // cfg.grad_accum) * cfg.grad_accum
+                    group_size = min(cfg.grad_accum, self.micro_per_epoch - group_start)
+                    last_of_group = m - group_start == group_size - 1
+                    loss = self._train_micro(batch, 1.0 / group_size, sync=last_of_group)
+                    self.micro_done += 1
+                    self.epoch_loss_sum += loss
+                    self.epoch_loss_count += 1
+                    bar.update(1)
+                    if not last_of_group:
+                        continue
+                    self._optimizer_step()
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                    if cfg.log_every and self.step % cfg.log_every == 0:
+                        self._log(
+                            {"event": "step", "epoch": epoch, "step": self.step, "loss": loss, "lr": lr}
+                        )
+                    if self.on_step is not None:
+                        self.on_step({"epoch": epoch, "step": self.step, "loss": loss, "lr": lr})
+                    if self._stop_requested():
+                        stop_reason = "stop requested (STOP file, stop event or interrupt)"
+                        break
+                    if self.step >= self.total_steps:
+                        break
+                bar.close()
+                if stop_reason is not None and self.micro_done < self.micro_per_epoch:
+                    break  # stopped mid-epoch: no validation, state saved below
+                # the epoch ended (or max_steps was reached within it): validate, keep the best
+                self.micro_done = 0
+                val = self._validate()
+                final = val
+                record = self._end_epoch_record(epoch, val, time.perf_counter() - t0)
+                if val["mean"] > self.best_val_dice:
+                    self.best_val_dice, self.best_epoch = val["mean"], epoch
+                    self._save_best(val["mean"], epoch)
+                    record["best"] = True
+                self._finish_epoch_record(record)
+                self._say(
+                    f"epoch {epoch}: loss {record['loss']:.4f}  val Dice {val['mean']:.4f}  "
+                    f"(best {self.best_val_dice:.4f} at epoch {self.best_epoch})"
+                )
+                self._save_state(elapsed())
+            if stop_reason is not None:
+                self._save_state(elapsed())
+                self._log({"event": "stop", "epoch": self.epoch, "step": self.step, "reason": stop_reason})
+                self._say(
+                    f"stopped at step {self.step}; best adapter (epoch {self.best_epoch}) kept in {self.adapter_path}"
+                )
+            self._debug_hash("end")
+            return self._write_summary(
+                stopped_early=stop_reason is not None, stop_reason=stop_reason, seconds=elapsed(), final=final
+            )
+        finally:
+            if self._init_group:
+                import torch.distributed as tdist
+
+                tdist.destroy_process_group()
+
+    def _finish_epoch_record(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        self._log(record)
+        if self.on_epoch is not None and self.dist.is_main:
+            self.on_epoch(dict(record))
+
+
+def train(
+    config: TrainConfig,
+    *,
+    progress: bool = True,
+    stop_event: threading.Event | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run one training (see the module docstring); return the summary.
+
+    The summary (also ``RUN_DIR/summary.json``) holds ``initial_val_dice``, ``best_val_dice``,
+    ``best_epoch``, ``final_val_dice``, ``epochs``, ``steps``, ``trainable_params``, ``seconds``,
+    ``stopped_early``, ``train_cases``, ``val_cases``, ``val_on_train``, ``adapter`` and ``config``.
+
+    Args:
+        config: the run's settings.
+        progress: show a tqdm bar (only on a terminal) and one line per epoch on stderr.
+        stop_event: set it (from another thread) to end the run after the current optimiser step.
+        on_epoch: called by rank 0 with each epoch's log record (epoch 0: the initial validation).
+        on_step: called after every optimiser step with ``{"epoch", "step", "loss", "lr"}``.
+
+    Raises:
+        UserInputError: bad data, model, checkpoint, adapter or resume state.
+    """
+    return Trainer(config, progress=progress, stop_event=stop_event, on_epoch=on_epoch, on_step=on_step).run()
