@@ -414,26 +414,13 @@ class CaseInfo:
 
 
 def list_slice_files(data: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """The ``.npz`` files of a folder (sorted, not recursive), one file, or a list of files."""
-    if isinstance(data, str | os.PathLike):
-        root = Path(data)
-        if not root.exists():
-            raise UserInputError(f"data path {root} does not exist")
-        if root.is_dir():
-            files = sorted(p for p in root.glob("*.npz") if p.is_file())
-            if not files:
-                raise UserInputError(f"no .npz slice files in {root}: run `sam-medical preprocess` first")
-            return files
-        files = [root]
-    else:
-        files = [Path(p) for p in data]
-        if not files:
-            raise UserInputError("no .npz slice files given")
-    for f in files:
-        if not f.is_file():
-            raise UserInputError(f"slice file {f} does not exist")
-        if f.suffix != ".npz":
-            raise UserInputError(f"{f} is not an .npz slice file")
+    """The ``.npz`` files of a folder (sorted, not recursive), one file, or a list of files.
+
+    :func:`sam_medical.data.list_npz`, plus a check that no two files share a case name.
+    """
+    from .data import list_npz
+
+    files = list_npz(data)
     names = [f.name for f in files]
     if len(set(names)) != len(names):
         raise UserInputError("two slice files have the same case name")

@@ -1,0 +1,1 @@
+"""App configuration parsed from ``--conf key value`` pairs."""

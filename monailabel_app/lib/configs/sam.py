@@ -1,0 +1,173 @@
+"""The app's settings, read from ``monailabel start_server ... --conf KEY VALUE`` (all values are strings).
+
+| key | default | meaning |
+|---|---|---|
+| ``model`` | ``demo`` | ``tiny``, ``demo``, ``vit_b``, ``vit_l`` or ``vit_h`` |
+| ``checkpoint`` | none | a weights file; for vit_b/l/h without it, the official file is downloaded once into ``<app>/model/`` and MD5-checked |
+| ``use_pretrained_model`` | ``true`` | ``false``: seeded random weights (``/info/`` says so) |
+| ``seed`` | ``0`` | seed of random weights (adapters are tied to it) |
+| ``image_size`` | ``256`` | model input size (256 native, 1024 as the official models) |
+| ``device`` | ``auto`` | ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` |
+| ``window`` | ``auto`` | ``auto`` (CT abdomen window or MR percentiles), ``ct``, ``mr``, a preset or ``L,W`` |
+| ``adapter`` | (follow) | a version id to select at start (roll back), or ``none`` for the base model |
+| ``embedding_cache_mb`` | ``512`` | memory for cached slice embeddings |
+| ``volume_cache_mb`` | ``2048`` | memory for loaded volumes |
+| ``prefetch_slices`` | ``4`` | neighbouring slices encoded in the background after a click (0: off) |
+| ``torch_threads`` | ``0`` | torch intra-op threads of the serving thread (0: half the CPU cores); background encodes use 1 |
+| ``multimask`` | ``false`` | ``auto``: for a single click, best of SAM's three masks |
+| ``labels`` | ``object`` | comma-separated label names shown in Slicer |
+| ``epochs``, ``learning_rate``, ``lora_rank``, ``prompt``, ``max_steps``, ``batch_size`` | 5, 1e-4, 4, both, 0, 4 | training defaults (a train request may override them) |
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from sam_medical.errors import UserInputError
+from sam_medical.models import MODEL_NAMES, check_image_size
+from sam_medical.predictor import window_options
+
+TRUE = ("1", "true", "yes", "on")
+FALSE = ("0", "false", "no", "off")
+
+
+def as_bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in TRUE:
+        return True
+    if text in FALSE:
+        return False
+    raise UserInputError(f"{name} must be true or false, got {value!r}")
+
+
+def as_int(value: Any, name: str, minimum: int | None = None) -> int:
+    """``value`` (an int, or a string/float holding a whole number) as an int ``>= minimum``."""
+    if isinstance(value, bool):
+        raise UserInputError(f"{name} must be an integer, got {value!r}")
+    try:
+        number = float(str(value).strip())
+        out = int(number)
+        if out != number:
+            raise ValueError
+    except (ValueError, OverflowError):
+        raise UserInputError(f"{name} must be an integer, got {value!r}") from None
+    if minimum is not None and out < minimum:
+        raise UserInputError(f"{name} must be >= {minimum}, got {out}")
+    return out
+
+
+def as_float(value: Any, name: str, positive: bool = False) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise UserInputError(f"{name} must be a number, got {value!r}") from None
+    if out != out or (positive and out <= 0):
+        raise UserInputError(f"{name} must be a positive number, got {value!r}")
+    return out
+
+
+@dataclass(frozen=True)
+class SamAppConfig:
+    """Validated app settings (see the module docstring)."""
+
+    app_dir: str
+    model: str = "demo"
+    checkpoint: str | None = None
+    use_pretrained_model: bool = True
+    seed: int = 0
+    image_size: int = 256
+    device: str = "auto"
+    window: str = "auto"
+    adapter: str | None = None
+    embedding_cache_mb: int = 512
+    volume_cache_mb: int = 2048
+    prefetch_slices: int = 4
+    torch_threads: int = 0
+    multimask: str = "false"
+    labels: tuple[str, ...] = ("object",)
+    epochs: int = 5
+    learning_rate: float = 1e-4
+    lora_rank: int = 4
+    prompt: str = "both"
+    max_steps: int = 0
+    batch_size: int = 4
+
+    @property
+    def model_dir(self) -> Path:
+        """``<app>/model``: official checkpoints, adapter versions, training runs."""
+        return Path(self.app_dir) / "model"
+
+    @property
+    def random_weights(self) -> bool:
+        """Seeded random weights: asked for, or the ``tiny`` model (random by design) without checkpoint."""
+        return (not self.use_pretrained_model) or (self.model == "tiny" and not self.checkpoint)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["labels"] = list(self.labels)
+        return d
+
+    @classmethod
+    def from_conf(cls, app_dir: str | os.PathLike, conf: dict[str, Any] | None) -> SamAppConfig:
+        """Parse ``--conf`` pairs; unknown keys are ignored (MONAI Label passes its own too).
+
+        Raises:
+            UserInputError: a value that cannot be used, with the accepted values.
+        """
+        c = {str(k): v for k, v in (conf or {}).items()}
+        model = str(c.get("model", "demo")).strip()
+        if model not in MODEL_NAMES:
+            raise UserInputError(f"--conf model {model!r} is unknown; choose one of {', '.join(MODEL_NAMES)}")
+        checkpoint = c.get("checkpoint") or None
+        if checkpoint is not None:
+            checkpoint = str(Path(str(checkpoint)).expanduser().resolve())
+        use_pretrained = as_bool(c.get("use_pretrained_model", "true"), "--conf use_pretrained_model")
+        if checkpoint and not use_pretrained:
+            raise UserInputError("--conf checkpoint and --conf use_pretrained_model false exclude each other")
+        image_size = check_image_size(as_int(c.get("image_size", 256), "--conf image_size"))
+        device = str(c.get("device", "auto")).strip().lower()
+        if device not in ("auto", "cpu", "cuda") and not (
+            device.startswith("cuda:") and device[5:].isdigit()
+        ):
+            raise UserInputError(f"--conf device must be auto, cpu, cuda or cuda:N, got {device!r}")
+        window = str(c.get("window", "auto")).strip()
+        window_options(window)  # validates
+        adapter = c.get("adapter")
+        adapter = str(adapter).strip() if adapter not in (None, "") else None
+        multimask = str(c.get("multimask", "false")).strip().lower()
+        if multimask not in ("false", "auto"):
+            raise UserInputError(f"--conf multimask must be false or auto, got {multimask!r}")
+        labels = tuple(s.strip() for s in str(c.get("labels", "object")).split(",") if s.strip()) or (
+            "object",
+        )
+        prompt = str(c.get("prompt", "both")).strip()
+        if prompt not in ("box", "points", "both"):
+            raise UserInputError(f"--conf prompt must be box, points or both, got {prompt!r}")
+        return cls(
+            app_dir=str(Path(app_dir).resolve()),
+            model=model,
+            checkpoint=checkpoint,
+            use_pretrained_model=use_pretrained,
+            seed=as_int(c.get("seed", 0), "--conf seed", 0),
+            image_size=image_size,
+            device=device,
+            window=window,
+            adapter=adapter,
+            embedding_cache_mb=as_int(c.get("embedding_cache_mb", 512), "--conf embedding_cache_mb", 0),
+            volume_cache_mb=as_int(c.get("volume_cache_mb", 2048), "--conf volume_cache_mb", 0),
+            prefetch_slices=as_int(c.get("prefetch_slices", 4), "--conf prefetch_slices", 0),
+            torch_threads=as_int(c.get("torch_threads", 0), "--conf torch_threads", 0),
+            multimask=multimask,
+            labels=labels,
+            epochs=as_int(c.get("epochs", 5), "--conf epochs", 1),
+            learning_rate=as_float(c.get("learning_rate", 1e-4), "--conf learning_rate", positive=True),
+            lora_rank=as_int(c.get("lora_rank", 4), "--conf lora_rank", 1),
+            prompt=prompt,
+            max_steps=as_int(c.get("max_steps", 0), "--conf max_steps", 0),
+            batch_size=as_int(c.get("batch_size", 4), "--conf batch_size", 1),
+        )

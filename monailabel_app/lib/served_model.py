@@ -1,0 +1,253 @@
+"""The one model the app serves, shared by ``sam_2d`` and ``sam_3d``; follows the published adapter.
+
+:class:`ServedModel` owns:
+
+* the base SAM, built **once** (:func:`sam_medical.models.build_sam`; official checkpoints are cached in
+  ``<app>/model/``), never modified afterwards;
+* the adapter store ``<app>/model/adapters`` (:class:`sam_medical.model_store.ModelStore`), whose
+  ``current.json`` the train task rewrites when it publishes a version;
+* one :class:`~sam_medical.predictor.VolumePredictor` per served version over its own model object (a
+  deep copy of the base with the adapter loaded and merged), all sharing one byte-bounded embedding
+  cache whose keys hold the version;
+* a cache of loaded volumes (:class:`~sam_medical.predictor.VolumeCache`).
+
+Hot swap: at every request :meth:`ServedModel.predictor` compares ``current.json``'s ``(mtime, size)``
+with what it last saw (one ``stat``). When it changed, the new version is loaded into a **new** model
+object and predictor, then swapped in; a request already running keeps the predictor it started with.
+A version that fails to load is reported (``adapter_error`` in ``/info/``) and the previous one stays.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+from sam_medical import lora, sam_forward
+from sam_medical.errors import UserInputError
+from sam_medical.model_store import NO_ADAPTER, ModelStore, check_version_id
+from sam_medical.models import build_sam
+from sam_medical.predictor import EmbeddingCache, VolumeCache, VolumePredictor
+
+from .configs.sam import SamAppConfig
+
+logger = logging.getLogger(__name__)
+
+BASE_VERSION = "base"
+#: Versions asked for explicitly by a request (``adapter`` param), kept besides the current one.
+EXTRA_VERSIONS = 2
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserInputError(f"--conf device {name}: CUDA is not available on this machine; use cpu or auto")
+    return torch.device(name)
+
+
+def serving_threads(requested: int, device: torch.device) -> int:
+    """Torch intra-op threads of the serving thread: ``requested``, or (0) half the CPU cores on the CPU.
+
+    With every core, a core taken by anything else (the background prefetch, a training run, Slicer)
+    stalls each OpenMP barrier of the encoder: measured on 2 busy cores, ViT-B at 256 took 3.7 s per
+    slice with 2 threads and 0.75 s with 1.
+    """
+    if requested:
+        return int(requested)
+    if device.type != "cpu":
+        return torch.get_num_threads()
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+class ServedModel:
+    """See the module docstring. Thread-safe; cheap to query (``describe``) before the model is built."""
+
+    def __init__(self, config: SamAppConfig) -> None:
+        self.config = config
+        self.store = ModelStore(config.model_dir / "adapters")
+        self.cache = EmbeddingCache(config.embedding_cache_mb << 20)
+        self.volumes = VolumeCache(config.volume_cache_mb << 20)
+        self._lock = threading.RLock()
+        self._base: Any = None
+        self.base_info: dict[str, Any] | None = None
+        self.device: torch.device | None = None
+        self._current: VolumePredictor | None = None
+        self._current_meta: dict[str, Any] = {}
+        self._signature: Any = "unset"
+        self._extra: OrderedDict[str, VolumePredictor] = OrderedDict()
+        self.adapter_error: str | None = None
+        self.load_seconds: float | None = None
+        self.torch_threads: int | None = None
+
+    # -- building ------------------------------------------------------------------------------
+    def load(self) -> None:
+        """Build the base model (once), apply ``--conf adapter`` if given, load the current version.
+
+        Raises:
+            UserInputError: unknown model, missing/corrupt checkpoint, offline download, bad adapter id.
+        """
+        with self._lock:
+            if self._base is None:
+                cfg = self.config
+                t0 = time.perf_counter()
+                self.device = resolve_device(cfg.device)
+                self.torch_threads = serving_threads(cfg.torch_threads, self.device)
+                torch.set_num_threads(self.torch_threads)  # an OpenMP per-thread setting: this serving thread
+                try:
+                    sam, info = build_sam(
+                        cfg.model,
+                        image_size=cfg.image_size,
+                        checkpoint=cfg.checkpoint,
+                        random_weights=not cfg.use_pretrained_model,
+                        seed=cfg.seed,
+                        cache_dir=cfg.model_dir,
+                        download=True,
+                    )
+                except UserInputError as exc:
+                    message = (
+                        f"sam_medical cannot serve model {cfg.model}: {exc}. In the app, give a weights file with "
+                        "--conf checkpoint PATH, or use --conf use_pretrained_model false (seeded random weights)"
+                    )
+                    logger.error(message)
+                    raise UserInputError(message) from None
+                self._base = sam.to(self.device).eval()
+                self.base_info = info
+                self._warm_up(self._base)
+                self.load_seconds = round(time.perf_counter() - t0, 3)
+                logger.info(f"sam_medical: base model {info} built in {self.load_seconds} s on {self.device}")
+                if cfg.adapter:
+                    picked = self.store.select(cfg.adapter)  # raises for unknown/bad ids
+                    logger.info(f"sam_medical: --conf adapter {cfg.adapter} selected: {picked}")
+            self._follow_current()
+
+    @staticmethod
+    def _warm_up(sam: Any) -> None:
+        """One encode + decode on a blank canvas: one-time allocations happen now, not at the first click."""
+        canvas = torch.zeros(1, 256, 256, 3, dtype=torch.uint8)
+        with torch.inference_mode():
+            emb = sam_forward.encode(sam, sam_forward.canvas_to_input(sam, canvas))
+            sam_forward.decode_many(
+                sam, emb, points=torch.tensor([[[128.0, 128.0]]]), point_labels=torch.tensor([[1]])
+            )
+
+    def _base_predictor(self) -> VolumePredictor:
+        return self._make_predictor(self._base, BASE_VERSION)
+
+    def _make_predictor(self, sam: Any, version: str) -> VolumePredictor:
+        return VolumePredictor(
+            sam,
+            version,
+            self.cache,
+            window=self.config.window,
+            multimask="auto" if self.config.multimask == "auto" else False,
+        )
+
+    def _load_version(self, version: str) -> VolumePredictor:
+        """A new model object: the base copied, adapter ``version`` loaded (checked) and merged."""
+        path = self.store.path_of(version)
+        sam = copy.deepcopy(self._base)
+        meta = lora.load_adapter(sam, path, base_info=self.base_info)
+        lora.merge_lora(sam)
+        sam.eval()
+        logger.info(
+            f"sam_medical: adapter {version} loaded (rank {meta['rank']}, val_dice {meta.get('val_dice')})"
+        )
+        return self._make_predictor(sam, version)
+
+    def _follow_current(self) -> None:
+        """Swap in the version ``current.json`` names, if it changed since the last look."""
+        sig = self.store.signature()
+        if sig == self._signature and self._current is not None:
+            return
+        with self._lock:
+            if sig == self._signature and self._current is not None:
+                return
+            try:
+                current = self.store.current() or {}
+            except UserInputError as exc:
+                self.adapter_error = str(exc)
+                current = {"version": self._current.model_version if self._current else None}
+            version = current.get("version") or BASE_VERSION
+            old = self._current
+            if old is None or old.model_version != version:
+                try:
+                    new = self._base_predictor() if version == BASE_VERSION else self._load_version(version)
+                    self.adapter_error = None
+                except UserInputError as exc:
+                    logger.error(f"sam_medical: adapter {version} could not be served: {exc}")
+                    self.adapter_error = f"adapter {version} could not be served: {exc}"
+                    new = old if old is not None else self._base_predictor()
+                self._current = new
+                if old is not None and old is not new:
+                    old.close()
+                    if old.model_version not in self._extra:
+                        self.cache.discard_version(old.model_version)
+            self._current_meta = current
+            self._signature = sig
+
+    # -- serving -------------------------------------------------------------------------------
+    def predictor(self, adapter: str | None = None) -> VolumePredictor:
+        """The predictor for this request: the current version, or ``adapter`` (a version or ``none``).
+
+        Raises:
+            UserInputError: an unknown or malformed ``adapter`` version.
+        """
+        if self._base is None:
+            self.load()
+        self._follow_current()
+        current = self._current
+        assert current is not None
+        if adapter in (None, "", "current"):
+            return current
+        wanted = BASE_VERSION if adapter in (NO_ADAPTER, BASE_VERSION) else check_version_id(adapter)
+        if wanted == current.model_version:
+            return current
+        with self._lock:
+            pred = self._extra.get(wanted)
+            if pred is None:
+                pred = self._base_predictor() if wanted == BASE_VERSION else self._load_version(wanted)
+                self._extra[wanted] = pred
+                while len(self._extra) > EXTRA_VERSIONS:
+                    _, dropped = self._extra.popitem(last=False)
+                    dropped.close()
+                    if dropped.model_version != self._current.model_version:
+                        self.cache.discard_version(dropped.model_version)
+            else:
+                self._extra.move_to_end(wanted)
+            return pred
+
+    @property
+    def current_version(self) -> str | None:
+        return self._current.model_version if self._current is not None else None
+
+    def describe(self) -> dict[str, Any]:
+        """For ``/info/``: base model, weights, served version, known versions, caches (no model build)."""
+        cfg = self.config
+        out: dict[str, Any] = {
+            "model": cfg.model,
+            "image_size": cfg.image_size,
+            "random_weights": cfg.random_weights,
+            "weights": (
+                f"seeded random weights (seed {cfg.seed}), not pretrained"
+                if cfg.random_weights
+                else f"checkpoint {self.base_info.get('checkpoint') if self.base_info else cfg.checkpoint or 'official'}"
+            ),
+            "window": cfg.window,
+            "device": str(self.device) if self.device else cfg.device,
+            "torch_threads": self.torch_threads,
+            "loaded": self._base is not None,
+            "model_version": self.current_version,
+            "adapter_error": self.adapter_error,
+            "versions": [v["version"] for v in self.store.list_versions()],
+            "embedding_cache": self.cache.stats(),
+        }
+        if self.base_info:
+            out["base"] = self.base_info
+        return out

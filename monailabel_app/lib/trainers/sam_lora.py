@@ -1,0 +1,339 @@
+"""``sam_lora``: LoRA fine-tuning on the datastore's final labels, validated, published as a new version.
+
+MONAI Label runs ``POST /train/sam_lora`` in a **subprocess** (``monailabel.utils.async_tasks``:
+``python -m monailabel.interfaces.utils.app -m train``), which builds the app again and calls this task.
+``DELETE /train/`` kills that process. So:
+
+1. the images with a ``final`` label (``datastore.datalist()``, including labels saved from Slicer
+   through ``PUT /datastore/label``) are preprocessed with :mod:`sam_medical.preprocess` -- the same code
+   as ``sam-medical preprocess``, with the served ``window`` -- into a temporary folder inside
+   ``<app>/model/train/``;
+2. :func:`sam_medical.training.train` trains a LoRA adapter on the served base model, starting from the
+   currently served adapter when its rank matches (continual fine-tuning);
+3. the adapter is **validated**: it must have beaten the starting model's validation Dice (unless
+   ``publish`` is ``always``), load into a freshly built base model with the base check of
+   :func:`sam_medical.lora.load_adapter`, and give finite outputs;
+4. it is published atomically as a new version (:class:`sam_medical.model_store.ModelStore`); the infer
+   tasks pick it up at their next request. Earlier versions are kept.
+
+The training subprocess lowers its own scheduling priority (``nice`` 10) so that clicks served while it
+runs keep the CPU. A failed, refused or killed run publishes nothing: the served model stays as it was. Progress goes to
+``<app>/model/train/status.json`` (atomic rewrites), which :meth:`SamLoraTrain.stats` reads for
+``/info/``'s ``train_stats`` (the keys Slicer's progress bar reads: ``epoch``, ``total_epochs``,
+``best_metric``, ``total_time`` when finished).
+
+Request options (Slicer's options table, or the JSON body of ``POST /train/sam_lora``): ``epochs``,
+``learning_rate``, ``lora_rank``, ``prompt`` (box, points, both), ``max_steps`` (0: no cap),
+``batch_size``, ``train_decoder``, ``val_fraction``, ``val_max_items`` (validation items, evenly spread;
+0: all), ``publish`` (``if_better`` or ``always``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.train import TrainTask
+
+from sam_medical.atomic import write_json_atomic
+from sam_medical.errors import UserInputError
+from sam_medical.model_store import ModelStore
+from sam_medical.predictor import window_options
+
+from ..configs.sam import SamAppConfig, as_bool, as_float, as_int
+
+logger = logging.getLogger(__name__)
+
+PUBLISH_POLICIES = ("if_better", "always")
+#: Scheduling niceness of the training subprocess (the server's clicks run at normal priority).
+TRAIN_NICENESS = 10
+#: Run folders kept in ``<app>/model/train`` (log, summary, last state; the slice files are deleted).
+KEEP_RUNS = 5
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _pid_alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, ValueError, TypeError):
+        return False
+    return True
+
+
+def _first(value: Any) -> Any:
+    """Slicer sends the first element of list-valued options; a JSON client may send the list."""
+    return value[0] if isinstance(value, list) and value else value
+
+
+class SamLoraTrain(TrainTask):
+    """See the module docstring."""
+
+    def __init__(self, config: SamAppConfig) -> None:
+        super().__init__(
+            f"LoRA fine-tuning of {config.model}'s image encoder on the final labels; published as a new "
+            "adapter version that the infer tasks serve at their next request"
+        )
+        self.app_config = config
+        self.train_dir = config.model_dir / "train"
+        self.status_file = self.train_dir / "status.json"
+        self.store = ModelStore(config.model_dir / "adapters")
+
+    def config(self) -> dict[str, Any]:
+        c = self.app_config
+        return {
+            "epochs": c.epochs,
+            "learning_rate": c.learning_rate,
+            "lora_rank": c.lora_rank,
+            "prompt": [c.prompt, *[p for p in ("both", "box", "points") if p != c.prompt]],
+            "max_steps": c.max_steps,
+            "batch_size": c.batch_size,
+            "train_decoder": False,
+            "val_fraction": 0.2,
+            "val_max_items": 200,
+            "publish": list(PUBLISH_POLICIES),
+        }
+
+    # -- status (read by the server process) -----------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        try:
+            status = json.loads(self.status_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        if status.get("status") == "RUNNING" and not _pid_alive(status.get("pid")):
+            status["status"] = "STOPPED"
+            status["reason"] = "the training process ended without finishing (stopped or killed)"
+        status["versions"] = [v["version"] for v in self.store.list_versions()]
+        current = self.store.current() if self.store.current_file.exists() else None
+        status["current_version"] = current.get("version") if current else None
+        return status
+
+    def _write_status(self, status: dict[str, Any]) -> None:
+        write_json_atomic(self.status_file, status)
+
+    # -- the run (in the training subprocess) ----------------------------------------------------
+    def _options(self, request: dict[str, Any]) -> dict[str, Any]:
+        c = self.app_config
+        get = lambda key, default: _first(request.get(key, default))  # noqa: E731
+        publish = str(get("publish", "if_better"))
+        if publish not in PUBLISH_POLICIES:
+            raise UserInputError(f"publish must be one of {', '.join(PUBLISH_POLICIES)}, got {publish!r}")
+        prompt = str(get("prompt", c.prompt))
+        if prompt not in ("box", "points", "both"):
+            raise UserInputError(f"prompt must be box, points or both, got {prompt!r}")
+        val_fraction = as_float(get("val_fraction", 0.2), "val_fraction")
+        if not 0.0 <= val_fraction < 1.0:
+            raise UserInputError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        return {
+            "epochs": as_int(get("epochs", c.epochs), "epochs", 1),
+            "lr": as_float(get("learning_rate", c.learning_rate), "learning_rate", positive=True),
+            "lora_rank": as_int(get("lora_rank", c.lora_rank), "lora_rank", 1),
+            "prompt": prompt,
+            "max_steps": as_int(get("max_steps", c.max_steps), "max_steps", 0) or None,
+            "batch_size": as_int(get("batch_size", c.batch_size), "batch_size", 1),
+            "train_decoder": as_bool(get("train_decoder", False), "train_decoder"),
+            "val_fraction": val_fraction,
+            "val_max_items": as_int(get("val_max_items", 200), "val_max_items", 0) or None,
+            "publish": publish,
+        }
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+        start = time.time()
+        with contextlib.suppress(OSError):
+            os.nice(TRAIN_NICENESS)  # this subprocess only: clicks keep the CPU when both want it
+        status: dict[str, Any] = {
+            "status": "RUNNING",
+            "stage": "starting",
+            "pid": os.getpid(),
+            "start_ts": _now(),
+            "epoch": 0,
+            "total_epochs": 0,
+            "step": 0,
+            "best_metric": 0.0,
+        }
+        self._write_status(status)
+        self.train_dir.mkdir(parents=True, exist_ok=True)
+        self._prune_runs(keep=KEEP_RUNS - 1)
+        work = Path(tempfile.mkdtemp(prefix="run_", dir=self.train_dir))
+        try:
+            result = self._train(request, datastore, status, work)
+            status.update(result)
+            status.update(
+                {"status": "DONE", "stage": "finished", "total_time": round(time.time() - start, 1)}
+            )
+            self._write_status(status)
+            return status
+        except BaseException as exc:
+            status.update(
+                {
+                    "status": "ERROR",
+                    "stage": status.get("stage"),
+                    "error": str(exc) if isinstance(exc, UserInputError) else f"{type(exc).__name__}: {exc}",
+                    "total_time": round(time.time() - start, 1),
+                    "published": False,
+                }
+            )
+            self._write_status(status)
+            raise
+        finally:
+            shutil.rmtree(work / "npz", ignore_errors=True)
+
+    def _prune_runs(self, keep: int) -> None:
+        """Delete all but the ``keep`` newest run folders (a killed run leaves its folder behind)."""
+        runs = sorted(
+            (p for p in self.train_dir.glob("run_*") if p.is_dir()), key=lambda p: p.stat().st_mtime
+        )
+        for old in runs[: max(0, len(runs) - keep)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _train(
+        self, request: dict[str, Any], datastore: Datastore, status: dict[str, Any], work: Path
+    ) -> dict:
+        from sam_medical.preprocess import CasePair, PreprocessOptions, preprocess_cases
+        from sam_medical.training import TrainConfig, train
+        from sam_medical.volume import image_stem
+
+        c = self.app_config
+        opts = self._options(request)
+        status.update({"options": opts, "total_epochs": opts["epochs"], "run_dir": str(work)})
+
+        # 1. data: the final labels, preprocessed as the CLI does, with the served window
+        status["stage"] = "preprocessing"
+        self._write_status(status)
+        pairs = datastore.datalist()
+        if not pairs:
+            raise UserInputError(
+                "no image has a final label yet: save labels (Slicer: Submit Label) before training"
+            )
+        cases = [CasePair(image_stem(p["image"]), Path(p["image"]), Path(p["label"])) for p in pairs]
+        modality, window = window_options(c.window)
+        manifest = preprocess_cases(cases, work / "npz", PreprocessOptions(modality=modality, window=window))
+        if not manifest["cases"]:
+            raise UserInputError(f"no labelled image could be preprocessed: {manifest['failed']}")
+        status.update(
+            {
+                "cases": [e["case"] for e in manifest["cases"]],
+                "failed_cases": manifest["failed"],
+                "slices": manifest["totals"]["slices_kept"],
+            }
+        )
+
+        if len(manifest["cases"]) < 2 and opts["val_fraction"] > 0:
+            opts["val_fraction"] = 0.0  # one labelled volume: validate on it (reported as val_on_train)
+            status["note"] = "only one labelled volume: validation runs on the training volume"
+
+        # 2. train, starting from the served adapter when it fits
+        current = self.store.current() or {}
+        init = current.get("path") if current.get("version") else None
+        if init:
+            from sam_medical.lora import read_adapter_meta
+
+            if int(read_adapter_meta(init)["rank"]) != opts["lora_rank"]:
+                init = None
+        status.update({"stage": "training", "started_from": current.get("version") if init else "base"})
+        self._write_status(status)
+        last_write = [0.0]
+
+        def on_step(rec: dict[str, Any]) -> None:
+            status.update({"epoch": rec["epoch"], "step": rec["step"], "loss": rec["loss"]})
+            if time.time() - last_write[0] > 1.0:
+                last_write[0] = time.time()
+                self._write_status(status)
+
+        def on_epoch(rec: dict[str, Any]) -> None:
+            status.update({"epoch": rec["epoch"], "step": rec["step"], "val_dice": rec["val_dice"]})
+            status["best_metric"] = max(float(status.get("best_metric") or 0.0), float(rec["val_dice"]))
+            status.setdefault("history", []).append(rec)
+            self._write_status(status)
+
+        cfg = TrainConfig(
+            data=str(work / "npz"),
+            out=str(work / "out"),
+            model=c.model,
+            checkpoint=c.checkpoint,
+            random_weights=not c.use_pretrained_model,
+            image_size=c.image_size,
+            epochs=opts["epochs"],
+            max_steps=opts["max_steps"],
+            lora_rank=opts["lora_rank"],
+            prompt=opts["prompt"],
+            train_decoder=opts["train_decoder"],
+            val_fraction=opts["val_fraction"],
+            val_max_items=opts["val_max_items"],
+            seed=c.seed,
+            batch_size=opts["batch_size"],
+            lr=opts["lr"],
+            device=c.device,
+            adapter_init=init,
+            cache_dir=str(c.model_dir),
+            extra={"source": "monailabel_app sam_lora", "cases": status["cases"]},
+        )
+        summary = train(cfg, progress=True, on_epoch=on_epoch, on_step=on_step)
+        metrics = {
+            k: summary.get(k)
+            for k in ("initial_val_dice", "best_val_dice", "best_epoch", "final_val_dice", "steps", "seconds")
+        }
+        metrics.update({"train_cases": summary.get("train_cases"), "val_cases": summary.get("val_cases")})
+        status.update({"summary": metrics, "stage": "validating"})
+        self._write_status(status)
+
+        # 3. validate
+        adapter = summary.get("adapter")
+        if not adapter or not Path(adapter).is_file():
+            raise UserInputError("training produced no adapter file")
+        if opts["publish"] == "if_better" and not int(summary.get("best_epoch") or 0) > 0:
+            return {
+                "published": False,
+                "version": None,
+                "reason": (
+                    f"not published: validation Dice {summary.get('best_val_dice')} did not beat the starting "
+                    f"model's {summary.get('initial_val_dice')} (publish=always publishes anyway)"
+                ),
+            }
+        check = self._check_adapter(adapter, work)
+
+        # 4. publish
+        status["stage"] = "publishing"
+        self._write_status(status)
+        version = self.store.publish(adapter, {**metrics, "check": check})
+        logger.info(f"sam_lora: published adapter version {version} ({metrics})")
+        return {"published": True, "version": version, "best_metric": summary.get("best_val_dice") or 0.0}
+
+    def _check_adapter(self, adapter: str, work: Path) -> dict[str, Any]:
+        """Load the adapter into a freshly built served base model and run one slice through it."""
+        import numpy as np
+        import torch
+
+        from sam_medical import lora, sam_forward
+        from sam_medical.models import build_sam
+
+        c = self.app_config
+        sam, base_info = build_sam(
+            c.model,
+            image_size=c.image_size,
+            checkpoint=c.checkpoint,
+            random_weights=not c.use_pretrained_model,
+            seed=c.seed,
+            cache_dir=c.model_dir,
+        )
+        meta = lora.load_adapter(sam, adapter, base_info=base_info)
+        npz = sorted((work / "npz").glob("*.npz"))
+        with np.load(npz[0]) as f:
+            img = torch.from_numpy(f["imgs"][:1])
+        with torch.inference_mode():
+            emb = sam_forward.encode(sam, sam_forward.canvas_to_input(sam, img))
+            low, iou = sam_forward.decode(sam, emb, boxes=torch.tensor([[64.0, 64.0, 192.0, 192.0]]))
+        if not (torch.isfinite(low).all() and torch.isfinite(iou).all()):
+            raise UserInputError("the trained adapter gives non-finite outputs; not published")
+        return {"loads": True, "finite": True, "version": meta["version"], "rank": meta["rank"]}

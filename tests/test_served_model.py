@@ -1,0 +1,144 @@
+"""The app's shared served model (``monailabel_app/lib/served_model.py``), in process: hot swap and roll back."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sam_medical.errors import UserInputError
+from sam_medical.lora import inject_lora, save_adapter
+from sam_medical.models import build_sam
+from sam_medical.volume import Volume
+
+APP = Path(__file__).resolve().parents[1] / "monailabel_app"
+
+
+@pytest.fixture(scope="module")
+def app_lib():
+    sys.path.insert(0, str(APP))
+    try:
+        served = importlib.import_module("lib.served_model")
+        configs = importlib.import_module("lib.configs.sam")
+    finally:
+        sys.path.remove(str(APP))
+    return served, configs
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """``ServedModel.load`` sets the calling thread's torch threads (as the server's serving thread)."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def volume() -> Volume:
+    arr = np.full((48, 40, 5), -1000.0, np.float32)
+    arr[10:30, 8:30, :] = 50.0
+    return Volume(arr, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+
+
+def make_adapter(path: Path, seed: int = 0, random_weights_seed: int = 0) -> dict:
+    """A tiny-model adapter whose LoRA B matrices are not zero (so it changes the outputs)."""
+    sam, base_info = build_sam("tiny", image_size=256, seed=random_weights_seed)
+    inject_lora(sam, rank=2, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for name, p in sam.named_parameters():
+            if "lora_" in name and name.endswith("_B.weight"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return save_adapter(
+        sam,
+        path,
+        base_info=base_info,
+        rank=2,
+        alpha=None,
+        blocks=list(range(4)),
+        image_size=256,
+        train_decoder=False,
+    )
+
+
+def logits(pred, vol) -> torch.Tensor:
+    _, info = pred.segment_slice("vol", vol, 2, [(20, 20)])
+    return info["low_res_logits"]
+
+
+def test_hot_swap_keeps_running_requests_and_rolls_back(tmp_path, app_lib):
+    served_mod, configs = app_lib
+    cfg = configs.SamAppConfig.from_conf(tmp_path / "app", {"model": "tiny", "prefetch_slices": "0"})
+    served = served_mod.ServedModel(cfg)
+    assert served.describe()["loaded"] is False and served.describe()["random_weights"] is True
+    served.load()
+    assert served.torch_threads == max(1, (os.cpu_count() or 2) // 2) == torch.get_num_threads()
+    base_state = {k: v.clone() for k, v in served._base.state_dict().items()}
+    vol = volume()
+    p0 = served.predictor()
+    assert p0.model_version == "base"
+    out0 = logits(p0, vol)
+
+    make_adapter(tmp_path / "a.pt")
+    v1 = served.store.publish(tmp_path / "a.pt")
+    p1 = served.predictor()  # the next request sees the new version
+    assert p1.model_version == v1 and p1 is not p0 and p1.sam is not p0.sam
+    out1 = logits(p1, vol)
+    assert not torch.allclose(out0, out1)
+    # a request that started before the swap still runs on the model it started with
+    torch.testing.assert_close(logits(p0, vol), out0)
+    # the base model was never modified
+    for k, v in served._base.state_dict().items():
+        torch.testing.assert_close(v, base_state[k])
+    # per-request choice, and roll back through the store
+    assert served.predictor("none").model_version == "base"
+    torch.testing.assert_close(logits(served.predictor("none"), vol), out0)
+    assert served.predictor(v1) is p1
+    served.store.select("none")
+    assert served.predictor().model_version == "base"
+    with pytest.raises(UserInputError, match="unknown adapter version"):
+        served.predictor("20990101-000000-deadbeef")
+
+    # --conf adapter V at start selects V (roll back / pin)
+    cfg2 = configs.SamAppConfig.from_conf(tmp_path / "app", {"model": "tiny", "adapter": v1})
+    served2 = served_mod.ServedModel(cfg2)
+    served2.load()
+    assert served2.current_version == v1 and served2.store.current()["version"] == v1
+    torch.testing.assert_close(logits(served2.predictor(), vol), out1)
+    with pytest.raises(UserInputError, match="unknown adapter version"):
+        served_mod.ServedModel(
+            configs.SamAppConfig.from_conf(tmp_path / "app", {"model": "tiny", "adapter": "nope"})
+        ).load()
+
+
+def test_an_adapter_for_another_base_is_not_served(tmp_path, app_lib):
+    served_mod, configs = app_lib
+    cfg = configs.SamAppConfig.from_conf(tmp_path / "app", {"model": "tiny"})
+    served = served_mod.ServedModel(cfg)
+    served.load()
+    make_adapter(tmp_path / "good.pt")
+    good = served.store.publish(tmp_path / "good.pt")
+    assert served.predictor().model_version == good
+    make_adapter(tmp_path / "other.pt", random_weights_seed=7)  # made for random weights of seed 7
+    bad = served.store.publish(tmp_path / "other.pt")
+    pred = served.predictor()
+    assert pred.model_version == good  # the previous version stays
+    assert bad in served.describe()["adapter_error"] and "seed" in served.describe()["adapter_error"]
+
+
+def test_config_errors_are_clear(tmp_path, app_lib):
+    _, configs = app_lib
+    with pytest.raises(UserInputError, match="unknown; choose one of"):
+        configs.SamAppConfig.from_conf(tmp_path, {"model": "vit_z"})
+    with pytest.raises(UserInputError, match="use_pretrained_model must be true or false"):
+        configs.SamAppConfig.from_conf(tmp_path, {"use_pretrained_model": "maybe"})
+    with pytest.raises(UserInputError, match="unknown window"):
+        configs.SamAppConfig.from_conf(tmp_path, {"window": "brain"})
+    with pytest.raises(UserInputError, match="image size must be a multiple of 16"):
+        configs.SamAppConfig.from_conf(tmp_path, {"image_size": "300"})
+    cfg = configs.SamAppConfig.from_conf(tmp_path, {"model": "vit_b", "use_pretrained_model": "false"})
+    assert cfg.random_weights and cfg.model_dir == tmp_path.resolve() / "model"
