@@ -43,6 +43,12 @@ PATCH_SIZE = 16
 CANVAS_SIZE = 256
 #: Format tag of the full-model files written by :func:`save_full_model`.
 FULL_MODEL_FORMAT = "sam-medical-model"
+#: What users must be told about the ``demo`` model wherever it is served.
+DEMO_NOTE = (
+    "CPU demo model: a 4.6 M-parameter SAM-architecture model trained from scratch on CT phantoms "
+    "(scripts/train_demo.py), NOT a foundation model. For real work use --conf model vit_b (downloads the "
+    "official sam_vit_b_01ec64.pth once, MD5-checked) or --conf checkpoint /path/sam_vit_b_01ec64.pth"
+)
 #: Weights of the ``demo`` model (trained separately and committed to the repository).
 DEMO_ASSET = Path(__file__).resolve().parent / "assets" / "demo_sam.pt"
 

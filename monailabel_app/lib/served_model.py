@@ -32,7 +32,7 @@ import torch
 from sam_medical import lora, sam_forward
 from sam_medical.errors import UserInputError
 from sam_medical.model_store import NO_ADAPTER, ModelStore, check_version_id
-from sam_medical.models import build_sam
+from sam_medical.models import DEMO_NOTE, build_sam
 from sam_medical.predictor import EmbeddingCache, VolumeCache, VolumePredictor
 
 from .configs.sam import SamAppConfig
@@ -227,6 +227,16 @@ class ServedModel:
     def current_version(self) -> str | None:
         return self._current.model_version if self._current is not None else None
 
+    def weights_note(self) -> str:
+        """What a user must know about the served weights ('' for a pretrained official model)."""
+        if self.config.random_weights:
+            return (
+                "RANDOM WEIGHTS, not pretrained (use_pretrained_model=false): for benchmarks and tests only"
+            )
+        if self.config.model == "demo":
+            return DEMO_NOTE
+        return ""
+
     def describe(self) -> dict[str, Any]:
         """For ``/info/``: base model, weights, served version, known versions, caches (no model build)."""
         cfg = self.config
@@ -239,6 +249,7 @@ class ServedModel:
                 if cfg.random_weights
                 else f"checkpoint {self.base_info.get('checkpoint') if self.base_info else cfg.checkpoint or 'official'}"
             ),
+            "note": self.weights_note(),
             "window": cfg.window,
             "device": str(self.device) if self.device else cfg.device,
             "torch_threads": self.torch_threads,

@@ -68,7 +68,7 @@ class Sam2D(SamInferTask):
             description=(
                 f"Segment Anything ({served.config.model}, LoRA-adaptable), one slice per click: "
                 "foreground/background points and/or an ROI box"
-                + ("; RANDOM WEIGHTS, not pretrained" if served.config.random_weights else "")
+                + (f". {served.weights_note()}" if served.weights_note() else "")
             ),
             config={},
         )

@@ -34,8 +34,7 @@ class Sam3D(SamInferTask):
             dimension=3,
             description=(
                 f"Segment Anything ({served.config.model}) in 3D: a prompt on one slice, propagated slice by "
-                "slice up and down"
-                + ("; RANDOM WEIGHTS, not pretrained" if served.config.random_weights else "")
+                "slice up and down" + (f". {served.weights_note()}" if served.weights_note() else "")
             ),
             config={"max_slices": 0, "min_iou": 0.0},
         )
