@@ -47,7 +47,7 @@ def test_demo_server_box_on_a_sample_volume_gives_dice_above_0_8(tmp_path, reque
     with running_server(tmp_path, studies, {"model": "demo", "prefetch_slices": "0"}, request) as srv:
         info = srv["client"].info()
         assert "demo" in info["models"]["sam_2d"]["description"].lower()
-        assert "not a foundation model" in info["models"]["sam_2d"]["sam"]["note"]
+        assert "not a foundation model" in info["models"]["sam_2d"]["sam"]["note"].lower()
         scores = {}
         for value in (1, 2, 3):
             obj = truth == value
