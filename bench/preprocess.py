@@ -1,7 +1,7 @@
 """Preprocessing throughput against the floor of merely reading the volumes with nibabel.
 
 Prints one JSON line per data set: volumes, slices (kept), seconds (the whole ``sam-medical preprocess``
-CLI run in a subprocess, start-up included), slices_per_second, load_floor_seconds (reading image and
+CLI run in a subprocess, start-up included; median of 3 runs), slices_per_second, load_floor_seconds (reading image and
 label with nibabel, in-process, nothing else) and ratio = seconds / load_floor_seconds.
 
     python bench/preprocess.py                 # synthetic 512x512x200 CT (+ ../shared/data when present)
@@ -61,28 +61,21 @@ def load_floor(dataset: Path) -> float:
     return time.perf_counter() - t
 
 
-def bench(dataset: Path, name: str, workers: int) -> dict:
-    floor = min(load_floor(dataset) for _ in range(2))
-    with tempfile.TemporaryDirectory() as out:
-        cmd = [
-            sys.executable,
-            "-m",
-            "sam_medical.cli",
-            "preprocess",
-            "--dataset",
-            str(dataset),
-            "--out",
-            out,
-            "--workers",
-            str(workers),
-            "--quiet",
-        ]
-        t = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        seconds = time.perf_counter() - t
-        if proc.returncode != 0:
-            raise SystemExit(proc.stderr)
-        totals = json.loads(proc.stdout.strip().splitlines()[-1])
+def bench(dataset: Path, name: str, workers: int, repeats: int = 3) -> dict:
+    """Median of ``repeats`` CLI runs against the median of ``repeats`` nibabel reads."""
+    floor = float(np.median([load_floor(dataset) for _ in range(repeats)]))
+    times = []
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as out:
+            cmd = [sys.executable, "-m", "sam_medical.cli", "preprocess", "--dataset", str(dataset)]
+            cmd += ["--out", out, "--workers", str(workers), "--quiet"]
+            t = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            times.append(time.perf_counter() - t)
+            if proc.returncode != 0:
+                raise SystemExit(proc.stderr)
+            totals = json.loads(proc.stdout.strip().splitlines()[-1])
+    seconds = float(np.median(times))
     return {
         "bench": "preprocess",
         "dataset": name,
@@ -93,6 +86,7 @@ def bench(dataset: Path, name: str, workers: int) -> dict:
         "load_floor_seconds": round(floor, 3),
         "ratio": round(seconds / floor, 2),
         "workers": workers,
+        "repeats": repeats,
     }
 
 

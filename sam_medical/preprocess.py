@@ -135,8 +135,11 @@ def parse_label_list(text: str | None) -> tuple[int, ...] | None:
 def select_labels(label_kji: np.ndarray, labels: Sequence[int] | None, min_area: int) -> np.ndarray:
     """Keep the chosen label values, drop per-slice components smaller than ``min_area`` pixels.
 
-    ``label_kji``: ``(K, J, I)`` uint8 (the slice-major view of the IJK array). Returns a new array.
+    ``label_kji``: ``(K, J, I)`` uint8 (the slice-major view of the IJK array). Returns a new array, or
+    ``label_kji`` itself when there is nothing to change (it is never written to).
     """
+    if labels is None and min_area <= 1:
+        return label_kji  # nothing to change: no copy of a large volume
     out = np.array(label_kji, dtype=np.uint8, copy=True)
     if labels is not None:
         out[~np.isin(out, np.asarray(labels, dtype=np.uint8))] = 0
@@ -175,7 +178,7 @@ def volume_to_slices(image: Volume, label: Volume, options: PreprocessOptions) -
     if not label_kji.any():
         raise UserInputError(f"label {label.path} is empty: it has no labelled voxel")
     selected = select_labels(label_kji, options.labels, options.min_area)
-    if not selected.any():
+    if selected is not label_kji and not selected.any():
         what = f"label values {list(options.labels)}" if options.labels else "any label"
         raise UserInputError(
             f"label {label.path} has no voxel of {what} left (min-area {options.min_area}); present values: "

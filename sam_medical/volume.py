@@ -99,9 +99,11 @@ def _unreadable(p: Path, what: str, exc: BaseException) -> UserInputError:
 def _read(path: str | os.PathLike, what: str) -> tuple[np.ndarray, tuple, tuple, tuple]:
     """Return ``(array_ijk, spacing, origin, direction)``; the array is a private copy.
 
-    Geometry always comes from SimpleITK (what 3D Slicer and the app's writer use). NIfTI voxel data is
-    read with nibabel: ITK's NIfTI reader silently turns NaN voxels into 0 and accepts a cut ``.nii.gz``,
-    while nibabel reports both. Other formats (``.nrrd``, ``.mha``...) are read with SimpleITK.
+    Geometry always comes from SimpleITK (what 3D Slicer and the app's writer use). Two traps of ITK's
+    NIfTI reader are handled here: it silently turns NaN voxels into 0, so floating-point NIfTI voxel data
+    is read with nibabel (which keeps them, and they are then refused); and it accepts a cut
+    ``.nii.gz``, so the size of integer NIfTI files read by SimpleITK is checked (:func:`_check_nifti_size`).
+    Other formats (``.nrrd``, ``.mha``...) are read with SimpleITK.
     """
     import SimpleITK as sitk
 
@@ -127,7 +129,9 @@ def _read(path: str | os.PathLike, what: str) -> tuple[np.ndarray, tuple, tuple,
     direction = tuple(float(d) for d in reader.GetDirection())
     if len(direction) == 16:  # a 4D header with one volume: keep the 3x3 spatial part
         direction = tuple(direction[r * 4 + c] for r in range(3) for c in range(3))
-    if p.name.lower().endswith((".nii", ".nii.gz")):
+    is_nifti = p.name.lower().endswith((".nii", ".nii.gz"))
+    is_float = reader.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64)
+    if is_nifti and is_float:
         import nibabel as nib
 
         try:
@@ -138,6 +142,8 @@ def _read(path: str | os.PathLike, what: str) -> tuple[np.ndarray, tuple, tuple,
         # nibabel returns a Fortran-ordered (I, J, K) array: its transpose is a C-ordered (K, J, I).
         arr = np.require(arr.transpose(2, 1, 0), requirements="C").transpose(2, 1, 0)
     else:
+        if is_nifti:
+            _check_nifti_size(p, what, int(np.prod(size)) * _pixel_itemsize(reader.GetPixelID()))
         try:
             img = reader.Execute()
         except RuntimeError as exc:
@@ -151,6 +157,69 @@ def _read(path: str | os.PathLike, what: str) -> tuple[np.ndarray, tuple, tuple,
             f"{what} {p}: header size {size} does not match its voxel data {list(arr.shape)}"
         )
     return arr, spacing, origin, direction
+
+
+def _pixel_itemsize(pixel_id: int) -> int:
+    """Bytes per voxel of a scalar SimpleITK pixel type (1 when unknown: never a false 'truncated')."""
+    import SimpleITK as sitk
+
+    sizes = {
+        sitk.sitkUInt8: 1,
+        sitk.sitkInt8: 1,
+        sitk.sitkUInt16: 2,
+        sitk.sitkInt16: 2,
+        sitk.sitkUInt32: 4,
+        sitk.sitkInt32: 4,
+        sitk.sitkUInt64: 8,
+        sitk.sitkInt64: 8,
+        sitk.sitkFloat32: 4,
+        sitk.sitkFloat64: 8,
+    }
+    return sizes.get(pixel_id, 1)
+
+
+def _check_nifti_size(p: Path, what: str, data_bytes: int) -> None:
+    """Refuse a NIfTI file whose voxel data is shorter than its header says (a cut download or copy).
+
+    ``.nii``: the file size. ``.nii.gz``: the gzip trailer holds the uncompressed size (mod 2**32); only
+    when it disagrees (a cut file, or a multi-member gzip) is the stream decompressed to be sure.
+    """
+    import gzip
+    import struct
+    import zlib
+
+    gz = p.name.lower().endswith(".gz")
+    try:
+        with gzip.open(p, "rb") if gz else open(p, "rb") as fh:
+            head = fh.read(352)
+        sizeof_hdr = struct.unpack("<i", head[:4])[0]
+        endian = "<" if sizeof_hdr in (348, 540) else ">"
+        if struct.unpack(endian + "i", head[:4])[0] == 540:  # NIfTI-2
+            vox_offset = struct.unpack(endian + "q", head[168:176])[0]
+        else:
+            vox_offset = int(struct.unpack(endian + "f", head[108:112])[0])
+        expected = max(vox_offset, 352) + data_bytes
+        if not gz:
+            if p.stat().st_size < expected:
+                raise UserInputError(
+                    f"cannot read {what} {p}: truncated file ({p.stat().st_size} of {expected} bytes)"
+                )
+            return
+        with open(p, "rb") as fh:
+            fh.seek(-4, os.SEEK_END)
+            isize = struct.unpack("<I", fh.read(4))[0]
+        if isize == expected % 2**32:
+            return
+        with gzip.open(p, "rb") as fh:  # slow path: read the whole stream
+            total = 0
+            while chunk := fh.read(1 << 24):
+                total += len(chunk)
+        if total < expected:
+            raise UserInputError(
+                f"cannot read {what} {p}: truncated file ({total} of {expected} bytes of data)"
+            )
+    except (OSError, EOFError, zlib.error, struct.error) as exc:
+        raise _unreadable(p, what, exc) from None
 
 
 def load_volume(path: str | os.PathLike, *, what: str = "image") -> Volume:
@@ -209,7 +278,7 @@ def to_label_array(values: np.ndarray, source: str = "label") -> np.ndarray:
         raise UserInputError(
             f"{source} has values up to {int(arr.max())}; at most 255 label values are supported"
         )
-    return arr.astype(np.uint8)
+    return arr.astype(np.uint8, copy=False)
 
 
 def load_label(path: str | os.PathLike, image: Volume | None = None) -> Volume:

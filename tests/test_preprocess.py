@@ -347,3 +347,26 @@ def test_real_volumes_map_back_and_keep_every_labelled_slice(tmp_path, case):
     counts = src.sum(axis=(0, 1))
     assert set(np.flatnonzero(counts >= 20)) <= set(z["slice_index"].tolist())
     assert z["imgs"][:, h:].sum() == 0 and z["imgs"][:, :, w:].sum() == 0
+
+
+def test_cli_end_to_end_on_the_bundled_sample_volumes(tmp_path, capsys):
+    samples = Path(__file__).resolve().parents[1] / "sample_volumes"
+    code, out, err = run_cli(
+        ["preprocess", "--dataset", str(samples), "--out", str(tmp_path), "--workers", "2"], capsys
+    )
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["layout"] == "monailabel" and manifest["failed"] == []
+    assert [c["case"] for c in manifest["cases"]] == [f"phantom_00{n}" for n in range(4)]
+    for case in manifest["cases"]:
+        z = load_npz(tmp_path / case["npz"])
+        assert (
+            case["labels"] == [1, 2, 3] and case["modality"] == "ct" and case["window"]["name"] == "abdomen"
+        )
+        assert (
+            z["imgs"].shape == (case["slices_kept"], 256, 256, 3) and z["gts"].shape[0] == case["slices_kept"]
+        )
+        assert case["slices_kept"] + case["slices_skipped_empty"] == case["slices_total"]
+        assert case["slices_skipped_empty"] > 0  # the organs do not reach the end slices
+    assert {c["orientation"] for c in manifest["cases"]} == {"LPS", "RAS"}
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind
