@@ -256,7 +256,9 @@ def decode_grouped(
     point_labels: torch.Tensor,
     box: torch.Tensor,
     has_box: torch.Tensor,
-) -> torch.Tensor:
+    *,
+    return_iou: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Decode a batch whose items carry different prompt kinds, each exactly as at inference time.
 
     Items are grouped by (box given, clicks given); each group is decoded with ``boxes=None`` or
@@ -269,7 +271,8 @@ def decode_grouped(
         box: ``(B, 4)`` canvas ``[x0, y0, x1, y1]``; ``has_box (B,)`` bool.
 
     Returns:
-        Low-resolution logits ``(B, 1, S/4, S/4)`` in the batch's order.
+        Low-resolution logits ``(B, 1, S/4, S/4)`` in the batch's order; with ``return_iou`` also SAM's
+        predicted IoU ``(B, 1)``.
     """
     from .sam_forward import decode
 
@@ -278,13 +281,13 @@ def decode_grouped(
     has_points = (point_labels >= 0).any(dim=1).to(device)
     if not bool((has_box | has_points).all()):
         raise ValueError("every item needs a box or at least one click")
-    outs, order = [], []
+    outs, ious, order = [], [], []
     for hb in (True, False):
         for hp in (True, False):
             idx = torch.nonzero((has_box == hb) & (has_points == hp)).flatten()
             if idx.numel() == 0:
                 continue
-            low, _ = decode(
+            low, iou = decode(
                 sam,
                 embeddings[idx],
                 points=points[idx.to(points.device)] if hp else None,
@@ -292,11 +295,13 @@ def decode_grouped(
                 boxes=box[idx.to(box.device)] if hb else None,
             )
             outs.append(low)
+            ious.append(iou)
             order.append(idx)
-    if len(outs) == 1:
-        return outs[0]
     inverse = torch.argsort(torch.cat(order))
-    return torch.cat(outs)[inverse]
+    logits = outs[0] if len(outs) == 1 else torch.cat(outs)[inverse]
+    if not return_iou:
+        return logits
+    return logits, (ious[0] if len(ious) == 1 else torch.cat(ious)[inverse])
 
 
 class PromptedSam(nn.Module):

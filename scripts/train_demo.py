@@ -35,9 +35,9 @@ from sam_medical.data import CaseGroupedSampler, NpzSliceDataset
 from sam_medical.models import DEMO_ASSET, build_sam, count_parameters, save_full_model
 from sam_medical.preprocess import PreprocessOptions, find_cases, preprocess_cases
 from sam_medical.prompts import TrainPromptSampler
-from sam_medical.sam_forward import canvas_to_input, decode, encode
+from sam_medical.sam_forward import canvas_to_input, encode
 from sam_medical.samples import make_samples
-from sam_medical.training import area_target, lr_lambda
+from sam_medical.training import area_target, decode_grouped, lr_lambda
 
 
 def prepare_data(out: Path, count: int, seed: int) -> Path:
@@ -50,41 +50,20 @@ def prepare_data(out: Path, count: int, seed: int) -> Path:
 
 
 def step_loss(sam, batch, loss_fn) -> tuple[torch.Tensor, float]:
-    """Encode the batch once, decode each prompt-kind group as at inference, return the loss."""
+    """Encode the batch once, decode each prompt-kind group as at inference; segmentation + IoU-head loss."""
     emb = encode(sam, canvas_to_input(sam, batch["image"]))
-    size = sam.prompt_encoder.mask_input_size[0]
-    target = area_target(batch["target"], size)
-    has_box = batch["has_box"].bool()
-    has_pts = (batch["point_labels"] >= 0).any(dim=1)
-    losses, dices = [], []
-    for hb in (True, False):
-        for hp in (True, False):
-            idx = torch.nonzero((has_box == hb) & (has_pts == hp)).flatten()
-            if idx.numel() == 0:
-                continue
-            low, iou_pred = decode(
-                sam,
-                emb[idx],
-                points=batch["points"][idx] if hp else None,
-                point_labels=batch["point_labels"][idx] if hp else None,
-                boxes=batch["box"][idx] if hb else None,
-            )
-            tgt = target[idx]
-            seg = loss_fn(low, tgt)
-            with torch.no_grad():
-                pred = (low > 0).float()
-                hard = (tgt > 0.5).float()
-                inter = (pred * hard).sum(dim=(1, 2, 3))
-                union = ((pred + hard) > 0).float().sum(dim=(1, 2, 3)).clamp(min=1)
-                iou = inter / union
-                dices.append(
-                    (2 * inter / (pred.sum(dim=(1, 2, 3)) + hard.sum(dim=(1, 2, 3))).clamp(min=1))
-                    .mean()
-                    .item()
-                )
-            iou_loss = torch.nn.functional.mse_loss(iou_pred[:, 0], iou)
-            losses.append((seg + iou_loss) * idx.numel())
-    return torch.stack(losses).sum() / batch["image"].shape[0], float(np.mean(dices))
+    target = area_target(batch["target"], sam.prompt_encoder.mask_input_size[0])
+    low, iou_pred = decode_grouped(
+        sam, emb, batch["points"], batch["point_labels"], batch["box"], batch["has_box"], return_iou=True
+    )
+    with torch.no_grad():
+        pred = (low > 0).float()
+        hard = (target > 0.5).float()
+        inter = (pred * hard).sum(dim=(1, 2, 3))
+        iou = inter / ((pred + hard) > 0).float().sum(dim=(1, 2, 3)).clamp(min=1)
+        dice = (2 * inter / (pred.sum(dim=(1, 2, 3)) + hard.sum(dim=(1, 2, 3))).clamp(min=1)).mean().item()
+    loss = loss_fn(low, target) + torch.nn.functional.mse_loss(iou_pred[:, 0], iou)
+    return loss, dice
 
 
 def main() -> int:
