@@ -32,10 +32,10 @@ import torch
 from sam_medical import lora, sam_forward
 from sam_medical.errors import UserInputError
 from sam_medical.model_store import NO_ADAPTER, ModelStore, check_version_id
-from sam_medical.models import DEMO_NOTE, build_sam
+from sam_medical.models import DEMO_NOTE
 from sam_medical.predictor import EmbeddingCache, VolumeCache, VolumePredictor
 
-from .configs.sam import SamAppConfig
+from .configs.sam import SamAppConfig, build_base_model
 
 logger = logging.getLogger(__name__)
 
@@ -101,15 +101,7 @@ class ServedModel:
                 self.torch_threads = serving_threads(cfg.torch_threads, self.device)
                 torch.set_num_threads(self.torch_threads)  # an OpenMP per-thread setting: this serving thread
                 try:
-                    sam, info = build_sam(
-                        cfg.model,
-                        image_size=cfg.image_size,
-                        checkpoint=cfg.checkpoint,
-                        random_weights=not cfg.use_pretrained_model,
-                        seed=cfg.seed,
-                        cache_dir=cfg.model_dir,
-                        download=True,
-                    )
+                    sam, info = build_base_model(cfg)
                 except UserInputError as exc:
                     message = (
                         f"sam_medical cannot serve model {cfg.model}: {exc}. In the app, give a weights file with "

@@ -171,3 +171,21 @@ class SamAppConfig:
             max_steps=as_int(c.get("max_steps", 0), "--conf max_steps", 0),
             batch_size=as_int(c.get("batch_size", 4), "--conf batch_size", 1),
         )
+
+
+def build_base_model(cfg: SamAppConfig) -> tuple[Any, dict[str, Any]]:
+    """The base SAM these settings describe (``(Sam, base_info)``): one place for server and trainer.
+
+    Official checkpoints are looked up, or downloaded once and MD5-checked, in the app's model folder.
+    """
+    from sam_medical.models import build_sam
+
+    return build_sam(
+        cfg.model,
+        image_size=cfg.image_size,
+        checkpoint=cfg.checkpoint,
+        random_weights=not cfg.use_pretrained_model,
+        seed=cfg.seed,
+        cache_dir=cfg.model_dir,
+        download=True,
+    )

@@ -49,7 +49,7 @@ from sam_medical.errors import UserInputError
 from sam_medical.model_store import ModelStore
 from sam_medical.predictor import window_options
 
-from ..configs.sam import SamAppConfig, as_bool, as_float, as_int
+from ..configs.sam import SamAppConfig, as_bool, as_float, as_int, build_base_model
 
 logger = logging.getLogger(__name__)
 
@@ -316,17 +316,8 @@ class SamLoraTrain(TrainTask):
         import torch
 
         from sam_medical import lora, sam_forward
-        from sam_medical.models import build_sam
 
-        c = self.app_config
-        sam, base_info = build_sam(
-            c.model,
-            image_size=c.image_size,
-            checkpoint=c.checkpoint,
-            random_weights=not c.use_pretrained_model,
-            seed=c.seed,
-            cache_dir=c.model_dir,
-        )
+        sam, base_info = build_base_model(self.app_config)
         meta = lora.load_adapter(sam, adapter, base_info=base_info)
         npz = sorted((work / "npz").glob("*.npz"))
         with np.load(npz[0]) as f:
