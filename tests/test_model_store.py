@@ -6,26 +6,16 @@ import json
 import time
 
 import pytest
+from adapters import save_tiny_adapter
 
 from sam_medical.errors import UserInputError
-from sam_medical.lora import inject_lora, read_adapter_meta, save_adapter
+from sam_medical.lora import read_adapter_meta
 from sam_medical.model_store import ModelStore
 
 
 def make_adapter(sam, base_info, path):
-    if not hasattr(sam, "_lora_done"):
-        inject_lora(sam, rank=2, seed=0)
-        object.__setattr__(sam, "_lora_done", True)
-    return save_adapter(
-        sam,
-        path,
-        base_info=base_info,
-        rank=2,
-        alpha=None,
-        blocks=list(range(4)),
-        image_size=256,
-        train_decoder=False,
-    )
+    """An adapter of the seeded tiny model (``sam``/``base_info`` are that same model)."""
+    return save_tiny_adapter(path, model_seed=base_info["seed"])
 
 
 def test_publish_select_and_rollback(tmp_path, tiny_sam, tiny_base_info):

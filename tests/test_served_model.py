@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from adapters import save_tiny_adapter
 
 from sam_medical.errors import UserInputError
-from sam_medical.lora import inject_lora, save_adapter
-from sam_medical.models import build_sam
 from sam_medical.volume import Volume
 
 APP = Path(__file__).resolve().parents[1] / "monailabel_app"
@@ -46,23 +45,7 @@ def volume() -> Volume:
 
 def make_adapter(path: Path, seed: int = 0, random_weights_seed: int = 0) -> dict:
     """A tiny-model adapter whose LoRA B matrices are not zero (so it changes the outputs)."""
-    sam, base_info = build_sam("tiny", image_size=256, seed=random_weights_seed)
-    inject_lora(sam, rank=2, seed=seed)
-    g = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for name, p in sam.named_parameters():
-            if "lora_" in name and name.endswith("_B.weight"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    return save_adapter(
-        sam,
-        path,
-        base_info=base_info,
-        rank=2,
-        alpha=None,
-        blocks=list(range(4)),
-        image_size=256,
-        train_decoder=False,
-    )
+    return save_tiny_adapter(path, model_seed=random_weights_seed, lora_seed=seed, nonzero_b=True)
 
 
 def logits(pred, vol) -> torch.Tensor:

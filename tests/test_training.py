@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from adapters import save_tiny_adapter
 
 from sam_medical import lora
 from sam_medical.cli import main as cli_main
@@ -214,7 +215,11 @@ def test_ddp_two_processes_end_with_identical_adapters(data_dir: Path, tmp_path:
         "--out", str(out), "--model", "tiny", "--random-weights", "--max-steps", "3", "--batch-size", "2",
         "--lr", "1e-2", "--quiet",
     ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    for _attempt in range(2):  # the free port can be taken between choosing and binding it: then once more
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        if proc.returncode == 0 or "address already in use" not in proc.stderr.lower():
+            break
+        cmd[cmd.index("--master_port") + 1] = str(_free_port())
     assert proc.returncode == 0, proc.stderr[-3000:]
     hashes = []
     for r in (0, 1):
@@ -268,18 +273,7 @@ def test_cli_user_errors_exit_2(data_dir: Path, tmp_path: Path, capsys):
     assert code == 2 and "model.pth" in err
 
     # adapters made for another rank, or another base model (other random seed)
-    sam, info = build_sam("tiny", random_weights=True, seed=0)
-    lora.inject_lora(sam, rank=2)
-    lora.save_adapter(
-        sam,
-        tmp_path / "r2.pt",
-        base_info=info,
-        rank=2,
-        alpha=None,
-        blocks=list(range(4)),
-        image_size=256,
-        train_decoder=False,
-    )
+    save_tiny_adapter(tmp_path / "r2.pt", rank=2)
     code, err = _cli(
         [
             "--data",
@@ -293,18 +287,7 @@ def test_cli_user_errors_exit_2(data_dir: Path, tmp_path: Path, capsys):
         capsys,
     )
     assert code == 2 and "rank 2" in err
-    sam, info = build_sam("tiny", random_weights=True, seed=5)
-    lora.inject_lora(sam, rank=4)
-    lora.save_adapter(
-        sam,
-        tmp_path / "s5.pt",
-        base_info=info,
-        rank=4,
-        alpha=None,
-        blocks=list(range(4)),
-        image_size=256,
-        train_decoder=False,
-    )
+    save_tiny_adapter(tmp_path / "s5.pt", rank=4, model_seed=5)
     code, err = _cli(
         [
             "--data",
