@@ -355,19 +355,6 @@ def _prompt_tensors(prompts: Sequence[ObjectPrompt], device: Any) -> dict[str, A
     return kwargs
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; ``cuda`` without a GPU is a user error."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserInputError("--device cuda was asked for, but no CUDA GPU is available")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise UserInputError(f"--device must be auto, cpu or cuda, got {device!r}")
-    return device
-
-
 def build_model_predictor(
     spec: ModelSpec, *, device: str = "cpu", batch_prompts: int = 32, multimask: bool = False
 ) -> SamSlicePredictor:
@@ -760,6 +747,8 @@ def evaluate(
 
     device = "cpu"
     if predictor is None or (baseline is None and config.baseline is not None):
+        from .device import resolve_device
+
         device = resolve_device(config.device)
     if predictor is None:
         if config.model is None:

@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .atomic import atomic_path, write_json_atomic
+from .device import resolve_device
 from .errors import UserInputError
 from .prompts import PROMPT_MODES
 
@@ -189,19 +190,6 @@ class DistInfo:
             int(os.environ.get("WORLD_SIZE", 1)),
             int(os.environ.get("LOCAL_RANK", 0)),
         )
-
-
-def resolve_device(name: str, dist: DistInfo | None = None) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; under DDP on CUDA, ``cuda:LOCAL_RANK``."""
-    dist = dist or DistInfo()
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserInputError("--device cuda was asked for, but no CUDA device is available")
-        if name == "cuda":
-            return torch.device("cuda", dist.local_rank if dist.distributed else torch.cuda.current_device())
-    return torch.device(name)
 
 
 def amp_dtype_for(device: torch.device) -> torch.dtype | None:
@@ -477,7 +465,9 @@ class Trainer:
 
         cfg = self.config
         cfg.check()
-        self.device = resolve_device(cfg.device, self.dist)
+        self.device = resolve_device(
+            cfg.device, local_rank=self.dist.local_rank if self.dist.distributed else None
+        )
         self.amp_dtype = amp_dtype_for(self.device)
         if cfg.resume and not self.last_path.is_file():
             raise UserInputError(f"cannot resume: {self.last_path} does not exist")

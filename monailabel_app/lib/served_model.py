@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from sam_medical import lora, sam_forward
+from sam_medical.device import resolve_device
 from sam_medical.errors import UserInputError
 from sam_medical.model_store import NO_ADAPTER, ModelStore, check_version_id
 from sam_medical.models import DEMO_NOTE
@@ -42,14 +43,6 @@ logger = logging.getLogger(__name__)
 BASE_VERSION = "base"
 #: Versions asked for explicitly by a request (``adapter`` param), kept besides the current one.
 EXTRA_VERSIONS = 2
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserInputError(f"--conf device {name}: CUDA is not available on this machine; use cpu or auto")
-    return torch.device(name)
 
 
 def serving_threads(requested: int, device: torch.device) -> int:
