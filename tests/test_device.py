@@ -18,7 +18,7 @@ def test_unknown_names_are_user_errors(name):
         resolve_device(name)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
-def test_cuda_without_a_gpu_is_a_user_error():
+def test_cuda_without_a_gpu_is_a_user_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserInputError, match="no CUDA GPU"):
         resolve_device("cuda", local_rank=1)
