@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from adapters import save_tiny_adapter
+from slicer_harness import free_port
 
 from sam_medical import lora
 from sam_medical.cli import main as cli_main
@@ -200,18 +200,12 @@ def test_stop_event_and_failed_save_leave_no_partial_adapter(small_dir: Path, tm
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_processes_end_with_identical_adapters(data_dir: Path, tmp_path: Path):
     out = tmp_path / "ddp"
     env = {**os.environ, DEBUG_HASH_ENV: "1", "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), "-m", "sam_medical.cli", "train", "--data", str(data_dir),
+        "--master_port", str(free_port()), "-m", "sam_medical.cli", "train", "--data", str(data_dir),
         "--out", str(out), "--model", "tiny", "--random-weights", "--max-steps", "3", "--batch-size", "2",
         "--lr", "1e-2", "--quiet",
     ]  # fmt: skip
@@ -219,7 +213,7 @@ def test_ddp_two_processes_end_with_identical_adapters(data_dir: Path, tmp_path:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
         if proc.returncode == 0 or "address already in use" not in proc.stderr.lower():
             break
-        cmd[cmd.index("--master_port") + 1] = str(_free_port())
+        cmd[cmd.index("--master_port") + 1] = str(free_port())
     assert proc.returncode == 0, proc.stderr[-3000:]
     hashes = []
     for r in (0, 1):
