@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from adapters import save_tiny_adapter
 from scipy.stats import wilcoxon
 
 from sam_medical.cli import main
@@ -387,26 +388,9 @@ def test_bad_inputs_raise_user_errors(tmp_path: Path) -> None:
 
 
 def make_adapter(path: Path) -> Path:
-    """A rank-2 adapter for tiny random weights (seed 0) whose update is not zero."""
-    import torch
-
-    from sam_medical.lora import inject_lora, save_adapter
-    from sam_medical.models import build_sam
-
-    sam, info = build_sam("tiny", random_weights=True, seed=0)
-    inject_lora(sam, rank=2)
-    with torch.no_grad():
-        sam.image_encoder.blocks[0].attn.qkv.lora_q_B.weight.fill_(0.05)
-    save_adapter(
-        sam,
-        path,
-        base_info=info,
-        rank=2,
-        alpha=None,
-        blocks=[0, 1, 2, 3],
-        image_size=256,
-        train_decoder=False,
-    )
+    """A rank-2 adapter for tiny random weights (seed 0) whose update is not zero (seeded, so the
+    adapter's effect does not depend on what the tests before it drew from torch's global generator)."""
+    save_tiny_adapter(path, rank=2, nonzero_b=True)
     return path
 
 
