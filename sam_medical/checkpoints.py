@@ -22,12 +22,13 @@ from pathlib import Path
 
 from .atomic import atomic_path
 from .errors import UserInputError
+from .model_registry import FAMILIES
 
-#: model name -> (official file name, MD5 hex digest).
+#: model name -> (official file name, MD5 hex digest), from the model registry.
 OFFICIAL_CHECKPOINTS: dict[str, tuple[str, str]] = {
-    "vit_b": ("sam_vit_b_01ec64.pth", "01ec64d29a2fca3f0661936605ae66f8"),
-    "vit_l": ("sam_vit_l_0b3195.pth", "0b3195507c641ddb6910d2bb5adee89c"),
-    "vit_h": ("sam_vit_h_4b8939.pth", "4b8939a88964f0f4ff5f5b2642c598a6"),
+    name: (str(fam.weights.file_name), str(fam.weights.digest))
+    for name, fam in FAMILIES.items()
+    if fam.weights.kind == "official"
 }
 
 URL_BASE = "https://dl.fbaipublicfiles.com/segment_anything/"
@@ -37,23 +38,35 @@ CACHE_ENV = "SAM_MEDICAL_CACHE"
 
 _CHUNK = 1 << 20  # 1 MiB
 
-# (resolved path, size, mtime_ns) -> md5: hashing ViT-H (2.5 GB) takes seconds, do it once per process.
-_MD5_MEMO: dict[tuple[str, int, int], str] = {}
+# (algorithm, resolved path, size, mtime_ns) -> digest: hashing ViT-H (2.5 GB) takes seconds, do it once
+# per process.
+_DIGEST_MEMO: dict[tuple[str, str, int, int], str] = {}
 
 
-def md5_file(path: str | os.PathLike, chunk_size: int = _CHUNK) -> str:
-    """MD5 hex digest of a file, read in chunks (memoised on path, size and modification time)."""
+def file_digest(path: str | os.PathLike, algorithm: str, chunk_size: int = _CHUNK) -> str:
+    """Hex digest (``"md5"``, ``"sha256"``, ...) of a file, read in chunks (memoised on path, size and
+    modification time)."""
     path = Path(path)
     st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key in _MD5_MEMO:
-        return _MD5_MEMO[key]
-    digest = hashlib.md5()
+    key = (algorithm, str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key in _DIGEST_MEMO:
+        return _DIGEST_MEMO[key]
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         while block := f.read(chunk_size):
             digest.update(block)
-    _MD5_MEMO[key] = digest.hexdigest()
-    return _MD5_MEMO[key]
+    _DIGEST_MEMO[key] = digest.hexdigest()
+    return _DIGEST_MEMO[key]
+
+
+def md5_file(path: str | os.PathLike, chunk_size: int = _CHUNK) -> str:
+    """MD5 hex digest of a file (the official SAM checkpoints are published with theirs)."""
+    return file_digest(path, "md5", chunk_size)
+
+
+def sha256_file(path: str | os.PathLike, chunk_size: int = _CHUNK) -> str:
+    """SHA-256 hex digest of a file (what we pin for packaged weights)."""
+    return file_digest(path, "sha256", chunk_size)
 
 
 def default_cache_dir() -> Path:
@@ -176,7 +189,7 @@ def download_official(
         ) from exc
     except OSError as exc:  # disk full, permission denied on the cache folder...
         raise UserInputError(f"could not write {final} while downloading {url}: {exc}") from exc
-    _MD5_MEMO[(str(final.resolve()), final.stat().st_size, final.stat().st_mtime_ns)] = expected
+    _DIGEST_MEMO[("md5", str(final.resolve()), final.stat().st_size, final.stat().st_mtime_ns)] = expected
     return final
 
 

@@ -1,13 +1,17 @@
 """LoRA on the query and value projections of SAM's image encoder (SAMed's recipe), written by hand.
 
-SAM's encoder attention computes ``q, k, v`` with one fused ``nn.Linear(dim, 3 * dim)`` (``attn.qkv``),
-so PEFT cannot target q and v alone. :class:`LoRAQKV` replaces that layer, keeping its weight and bias
-as they are (same parameters, same state-dict names) and adding two low-rank updates::
+Both encoder families compute ``q, k, v`` with one fused linear layer (``attn.qkv``), so PEFT cannot target
+q and v alone. :class:`LoRAQKV` replaces that layer, keeping its weight and bias as they are (same
+parameters, same state-dict names) and adding two low-rank updates to exactly the q rows and the v rows
+of its output::
 
-    qkv = x W^T + b;   q += s * B_q A_q x;   v += s * B_v A_v x;   s = alpha / r
+    qkv = x W^T + b;   qkv[q_rows] += s * B_q A_q x;   qkv[v_rows] += s * B_v A_v x;   s = alpha / r
 
-with ``A (r, dim)`` Kaiming-uniform and ``B (dim, r)`` zero, so a fresh adapter leaves the model
-unchanged. ViT-B at rank 4 has ``12 blocks * 2 * (4*768 + 768*4) = 147,456`` LoRA parameters.
+with ``A (r, in)`` Kaiming-uniform and ``B (rows, r)`` zero, so a fresh adapter leaves the model unchanged.
+Which rows are q and v is the family's business (:mod:`sam_medical.model_registry` names the function):
+
+* ViT: q, k, v in thirds: ``12 blocks * 2 * (4*768 + 768*4) = 147,456`` parameters for ViT-B at rank 4;
+* TinyViT (LiteMedSAM): interleaved head by head; 10 attention blocks, 29,696 parameters at rank 4.
 
 The vocabulary follows PEFT: :func:`inject_lora`, :func:`save_adapter` (adapter weights only, plus the
 mask decoder when it was trained), :func:`load_adapter`, :func:`merge_lora`, :func:`unmerge_lora`.
@@ -15,8 +19,8 @@ mask decoder when it was trained), :func:`load_adapter`, :func:`merge_lora`, :fu
 Adapter file (``torch.save``, loadable with ``weights_only=True``)::
 
     {"format": "sam-medical-adapter", "format_version": 1,
-     "meta": {"model", "checkpoint_md5", "base", "rank", "alpha", "blocks", "image_size", "train_decoder",
-              "lora_params", "version", "created", **extra},
+     "meta": {"model", "checkpoint_md5", "weights_digest", "base", "rank", "alpha", "blocks", "image_size",
+              "train_decoder", "lora_params", "version", "created", **extra},
      "lora": {state-dict name: tensor},
      "decoder": mask decoder state dict}          # only when train_decoder
 """
@@ -27,6 +31,8 @@ import math
 import os
 import time
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +43,7 @@ from torch import nn
 
 from .atomic import atomic_path
 from .errors import UserInputError
+from .model_registry import family_of, load_callable
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
@@ -46,37 +53,67 @@ ADAPTER_FORMAT_VERSION = 1
 _BASE_DECODER_ATTR = "_sam_medical_base_decoder"
 
 
+@dataclass(frozen=True)
+class LoRATarget:
+    """One attention layer LoRA adapts: ``owner.qkv`` is the fused projection; ``q_rows`` and ``v_rows``
+    are the indices of its output features that are queries and values."""
+
+    owner: nn.Module
+    q_rows: Sequence[int]
+    v_rows: Sequence[int]
+
+
 class LoRAQKV(nn.Module):
-    """A fused ``qkv`` linear layer ``dim -> 3*dim`` with LoRA updates on its q and v thirds.
+    """A fused ``qkv`` linear layer ``in -> out`` with LoRA updates on its q rows and v rows.
 
-    ``weight (3*dim, dim)`` and ``bias (3*dim,)`` are the base layer's own parameters (shared, not
-    copied), so the state-dict names of the base weights do not change. The adapters are
-    ``lora_q_A``/``lora_v_A`` (``nn.Linear(dim, r)``, weight ``(r, dim)``) and ``lora_q_B``/``lora_v_B``
-    (``nn.Linear(r, dim)``, weight ``(dim, r)``), all without bias.
+    ``weight (out, in)`` and ``bias (out,)`` are the base layer's own parameters (shared, not copied),
+    so the state-dict names of the base weights do not change. The adapters are ``lora_q_A``/``lora_v_A``
+    (``nn.Linear(in, r)``, weight ``(r, in)``) and ``lora_q_B``/``lora_v_B`` (``nn.Linear(r, len(rows))``,
+    weight ``(len(rows), r)``), all without bias. The row indices are non-persistent buffers (they come
+    from the architecture, not from files).
 
-    Input ``(..., dim)``, output ``(..., 3*dim)``.
+    Input ``(..., in)``, output ``(..., out)``.
     """
 
     def __init__(
-        self, base: nn.Linear, rank: int, alpha: float | None = None, generator: torch.Generator | None = None
+        self,
+        base: nn.Linear,
+        rank: int,
+        alpha: float | None = None,
+        generator: torch.Generator | None = None,
+        *,
+        q_rows: Sequence[int] | None = None,
+        v_rows: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        if base.out_features != 3 * base.in_features:
-            raise ValueError(
-                f"expected a fused qkv layer dim -> 3*dim, got {base.in_features} -> {base.out_features}"
-            )
         if rank < 1:
             raise ValueError(f"LoRA rank must be at least 1, got {rank}")
-        dim = base.in_features
+        dim, out = base.in_features, base.out_features
+        if q_rows is None and v_rows is None:  # SAM's ViT layout: q, k, v in thirds
+            if out != 3 * dim:
+                raise ValueError(f"expected a fused qkv layer dim -> 3*dim, got {dim} -> {out}")
+            q_rows, v_rows = range(0, dim), range(2 * dim, 3 * dim)
+        q_idx = torch.as_tensor(list(q_rows), dtype=torch.long)
+        v_idx = torch.as_tensor(list(v_rows), dtype=torch.long)
+        if (
+            not len(q_idx)
+            or not len(v_idx)
+            or int(torch.cat([q_idx, v_idx]).min()) < 0
+            or int(torch.cat([q_idx, v_idx]).max()) >= out
+            or len(set(q_idx.tolist()) | set(v_idx.tolist())) != len(q_idx) + len(v_idx)
+        ):
+            raise ValueError(f"q and v rows must be distinct indices in 0..{out - 1}")
         self.dim = dim
         self.rank = int(rank)
         self.alpha = float(rank if alpha is None else alpha)
         self.weight = base.weight
         self.bias = base.bias
+        self.register_buffer("q_rows", q_idx, persistent=False)
+        self.register_buffer("v_rows", v_idx, persistent=False)
         self.lora_q_A = nn.Linear(dim, rank, bias=False)
-        self.lora_q_B = nn.Linear(rank, dim, bias=False)
+        self.lora_q_B = nn.Linear(rank, len(q_idx), bias=False)
         self.lora_v_A = nn.Linear(dim, rank, bias=False)
-        self.lora_v_B = nn.Linear(rank, dim, bias=False)
+        self.lora_v_B = nn.Linear(rank, len(v_idx), bias=False)
         self.merged = False
         self.reset_lora_parameters(generator)
         self.to(device=base.weight.device, dtype=base.weight.dtype)
@@ -98,19 +135,19 @@ class LoRAQKV(nn.Module):
         nn.init.zeros_(self.lora_v_B.weight)
 
     def delta_weight(self) -> torch.Tensor:
-        """The update ``(3*dim, dim)`` that :meth:`merge` adds to ``weight`` (zero on the k third)."""
-        dq = self.lora_q_B.weight @ self.lora_q_A.weight
-        dv = self.lora_v_B.weight @ self.lora_v_A.weight
-        return torch.cat([dq, torch.zeros_like(dq), dv], dim=0) * self.scale
+        """The update ``(out, in)`` that :meth:`merge` adds to ``weight`` (zero outside the q and v rows)."""
+        delta = torch.zeros_like(self.weight)
+        delta[self.q_rows] = (self.lora_q_B.weight @ self.lora_q_A.weight).to(delta.dtype)
+        delta[self.v_rows] = (self.lora_v_B.weight @ self.lora_v_A.weight).to(delta.dtype)
+        return delta * self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qkv = F.linear(x, self.weight, self.bias)
         if self.merged:
             return qkv
-        q, k, v = qkv.split(self.dim, dim=-1)
-        q = q + self.scale * self.lora_q_B(self.lora_q_A(x))
-        v = v + self.scale * self.lora_v_B(self.lora_v_A(x))
-        return torch.cat([q, k, v], dim=-1)
+        dq = self.lora_q_B(self.lora_q_A(x)) * self.scale
+        dv = self.lora_v_B(self.lora_v_A(x)) * self.scale
+        return qkv.index_add(-1, self.q_rows, dq.to(qkv.dtype)).index_add(-1, self.v_rows, dv.to(qkv.dtype))
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -127,15 +164,23 @@ class LoRAQKV(nn.Module):
             self.merged = False
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
+        return (
+            f"in={self.dim}, out={self.weight.shape[0]}, q_rows={len(self.q_rows)}, "
+            f"v_rows={len(self.v_rows)}, rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
+        )
 
 
 # --- inject / inspect ---------------------------------------------------------------------------
 
 
+def lora_targets(sam: Sam) -> list[LoRATarget]:
+    """The attention layers of ``sam``'s encoder that LoRA may adapt, in order (the family says which)."""
+    return load_callable(family_of(sam).lora_targets)(sam)
+
+
 def lora_modules(sam: Sam) -> dict[int, LoRAQKV]:
-    """Encoder block index -> its :class:`LoRAQKV`, for the blocks that have one."""
-    return {i: b.attn.qkv for i, b in enumerate(sam.image_encoder.blocks) if isinstance(b.attn.qkv, LoRAQKV)}
+    """Attention-block index (:func:`lora_targets` order) -> its :class:`LoRAQKV`, where injected."""
+    return {i: t.owner.qkv for i, t in enumerate(lora_targets(sam)) if isinstance(t.owner.qkv, LoRAQKV)}
 
 
 def is_lora_injected(sam: Sam) -> bool:
@@ -158,11 +203,12 @@ def inject_lora(
     blocks: list[int] | tuple[int, ...] | None = None,
     seed: int | None = None,
 ) -> list[int]:
-    """Put LoRA on q and v of the encoder blocks ``blocks`` (default all); return the block indices.
+    """Put LoRA on q and v of the encoder's attention blocks ``blocks`` (default all); return their indices.
 
-    Every parameter of the model is frozen; only the new LoRA parameters are trainable (see
-    :func:`set_trainable` to train the mask decoder too). ``alpha`` defaults to ``rank`` (scale 1).
-    ``seed`` makes the A initialisation reproducible without touching the global RNG.
+    Blocks are numbered in :func:`lora_targets` order (ViT: the encoder blocks; TinyViT: its 10 attention
+    blocks, stage 2 first). Every parameter of the model is frozen; only the new LoRA parameters are
+    trainable (see :func:`set_trainable` to train the mask decoder too). ``alpha`` defaults to ``rank``
+    (scale 1). ``seed`` makes the A initialisation reproducible without touching the global RNG.
 
     Raises:
         UserInputError: LoRA already injected, rank below 1, block index out of range.
@@ -171,7 +217,8 @@ def inject_lora(
         raise UserInputError("LoRA is already injected in this model")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise UserInputError(f"LoRA rank must be a positive integer, got {rank!r}")
-    depth = len(sam.image_encoder.blocks)
+    targets = lora_targets(sam)
+    depth = len(targets)
     if blocks is None:
         chosen = list(range(depth))
     else:
@@ -185,8 +232,8 @@ def inject_lora(
         p.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     for i in chosen:
-        attn = sam.image_encoder.blocks[i].attn
-        attn.qkv = LoRAQKV(attn.qkv, rank, alpha, generator=generator)
+        t = targets[i]
+        t.owner.qkv = LoRAQKV(t.owner.qkv, rank, alpha, generator=generator, q_rows=t.q_rows, v_rows=t.v_rows)
     return chosen
 
 
@@ -231,7 +278,7 @@ def unmerge_lora(sam: Sam) -> None:
 
 
 def base_state_dict(sam: Sam) -> dict[str, torch.Tensor]:
-    """A plain SAM state dict (as ``segment_anything`` names it) with the LoRA updates folded in.
+    """A plain SAM state dict (as the base model names it) with the LoRA updates folded in.
 
     The model itself is not changed. Without LoRA this is ``sam.state_dict()``.
     """
@@ -305,6 +352,7 @@ def save_adapter(
     meta: dict[str, Any] = {
         "model": str(base_info["name"]),
         "checkpoint_md5": base_info.get("checkpoint_md5"),
+        "weights_digest": base_info.get("weights_digest"),
         "base": _plain(dict(base_info), "base_info"),
         "rank": given["rank"],
         "alpha": alpha,
@@ -368,8 +416,8 @@ def read_adapter_meta(path: str | os.PathLike) -> dict[str, Any]:
 def check_adapter_base(meta: dict[str, Any], base_info: dict[str, Any], source: str = "adapter") -> None:
     """Refuse an adapter made for another base model than ``base_info``.
 
-    Compares the model name, the checkpoint MD5 (when both are known), random versus checkpoint
-    weights, the seed of random weights, and the input size.
+    Compares the model name, the weights' digest and the checkpoint MD5 (when both sides know them),
+    random versus checkpoint weights, the seed of random weights, and the input size.
     """
     name = base_info.get("name")
     if meta["model"] != name:
@@ -378,6 +426,11 @@ def check_adapter_base(meta: dict[str, Any], base_info: dict[str, Any], source: 
     if md5_a and md5_b and md5_a != md5_b:
         raise UserInputError(
             f"{source} was made for the {name} checkpoint with MD5 {md5_a}, but the loaded one has MD5 {md5_b}"
+        )
+    dig_a, dig_b = meta.get("weights_digest"), base_info.get("weights_digest")
+    if dig_a and dig_b and dig_a != dig_b:
+        raise UserInputError(
+            f"{source} was made for {name} weights with digest {dig_a}, but the loaded ones have {dig_b}"
         )
     base = meta.get("base") or {}
     if "random_weights" in base and "random_weights" in base_info:

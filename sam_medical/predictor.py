@@ -12,7 +12,7 @@ This is the serving counterpart of ``segment_anything.SamPredictor``, for volume
 * the low-resolution logits are brought back to the canvas (:func:`sam_forward.logits_to_canvas`),
   then to ``(I, J)`` (:meth:`SliceGeometry.logits_from_model`) and thresholded at 0.
 
-Image embeddings ``(1, C, S/16, S/16)`` are kept in an :class:`EmbeddingCache`, a thread-safe,
+Image embeddings ``(1, C, h, h)`` are kept in an :class:`EmbeddingCache`, a thread-safe,
 byte-bounded LRU keyed by ``(image key, k, model version)``: a second click on a slice only runs the
 mask decoder (milliseconds) instead of the image encoder. :meth:`VolumePredictor.prefetch` encodes
 neighbouring slices in a daemon thread, so that moving to the next slice is fast too.
@@ -95,7 +95,7 @@ class EmbeddingCache:
     """Thread-safe LRU of image embeddings, bounded by the bytes of the tensors it holds.
 
     Keys are :data:`CacheKey` tuples ``(image_key, k, model_version)``; values are embeddings
-    ``(1, C, S/16, S/16)`` (any tensor works). Inserting beyond ``max_bytes`` evicts the least recently
+    ``(1, C, h, h)`` (any tensor works). Inserting beyond ``max_bytes`` evicts the least recently
     used entries; a tensor larger than ``max_bytes`` on its own is not stored. ``get`` counts hits and
     misses; ``peek`` does not.
     """
@@ -485,7 +485,7 @@ class VolumePredictor:
         return emb
 
     def embed(self, image_key: str, volume: Volume, k: int) -> tuple[torch.Tensor, str]:
-        """Embedding ``(1, C, S/16, S/16)`` of slice ``k``, and ``"cached"`` or ``"computed"``."""
+        """Embedding ``(1, C, h, h)`` of slice ``k``, and ``"cached"`` or ``"computed"``."""
         prep = self.prepare(image_key, volume)
         k = check_slice_index(k, volume.shape[2])
         return self._embed_prepared(prep, k)
@@ -522,12 +522,12 @@ class VolumePredictor:
             k: slice index.
             fg_points_ij, bg_points_ij: ``[(i, j), ...]`` foreground / background clicks on slice ``k``.
             box_ij: ``(i0, i1, j0, j1)``, inclusive voxel ranges in any order; clipped to the slice.
-            mask_input: ``(1, 1, S/4, S/4)`` low-resolution logits of an earlier prediction.
+            mask_input: ``(1, 1, L, L)`` low-resolution logits of an earlier prediction.
 
         Returns:
             ``mask (I, J) bool`` and ``info``: ``iou`` (predicted), ``embedding`` (``"cached"`` /
             ``"computed"``), ``model_version``, ``timings`` (seconds: ``encode``, ``decode``, ``post``,
-            ``total``), ``box_ij`` (the clipped box or None), ``low_res_logits`` (a ``(1, 1, S/4, S/4)``
+            ``total``), ``box_ij`` (the clipped box or None), ``low_res_logits`` (a ``(1, 1, L, L)``
             tensor, e.g. for the next slice's ``mask_input``; not JSON).
 
         Raises:
@@ -546,10 +546,10 @@ class VolumePredictor:
             raise UserInputError(
                 f"no prompt for slice {k}: give at least one foreground/background point [i, j, {k}] or an ROI"
             )
-        size = sf.input_size(self.sam)
-        if mask_input is not None and tuple(mask_input.shape) != (1, 1, size // 4, size // 4):
+        low_size = sf.low_res_size(self.sam)
+        if mask_input is not None and tuple(mask_input.shape) != (1, 1, low_size, low_size):
             raise ValueError(
-                f"mask_input must be (1, 1, {size // 4}, {size // 4}), got {tuple(mask_input.shape)}"
+                f"mask_input must be (1, 1, {low_size}, {low_size}), got {tuple(mask_input.shape)}"
             )
 
         with self.busy():
@@ -579,7 +579,7 @@ class VolumePredictor:
                     multimask_output=bool(multimask),
                 )
                 best = int(torch.argmax(iou[0])) if multimask else 0
-                low = low[:, best : best + 1].float()  # (1, 1, S/4, S/4)
+                low = low[:, best : best + 1].float()  # (1, 1, L, L)
                 canvas_logits = sf.logits_to_canvas(low)[0, 0].cpu().numpy()  # (256, 256)
             t3 = time.perf_counter()
             logits = geom.logits_from_model(canvas_logits)  # (I, J)

@@ -77,11 +77,26 @@ class SliceSet:
 # --- finding cases --------------------------------------------------------------------------------
 
 
+#: Image and label file stems of the per-case folder layout (``<case>/image.nii.gz`` + ``label.nii.gz``;
+#: KiTS-style ``imaging``/``segmentation`` too).
+CASE_FOLDER_IMAGES = ("image", "imaging", "img")
+CASE_FOLDER_LABELS = ("label", "segmentation", "seg", "mask")
+
+
+def _case_folder_pair(folder: Path) -> tuple[Path | None, Path | None]:
+    """``(image, label)`` files of one case folder (None where missing)."""
+    files = {image_stem(p).lower(): p for p in sorted(folder.iterdir()) if p.is_file() and is_image_file(p)}
+    image = next((files[s] for s in CASE_FOLDER_IMAGES if s in files), None)
+    label = next((files[s] for s in CASE_FOLDER_LABELS if s in files), None)
+    return image, label
+
+
 def find_cases(dataset: str | os.PathLike) -> tuple[list[CasePair], str, list[str]]:
     """Detect the layout of ``dataset`` and pair images with labels.
 
     Layouts: MONAI Label datastore (images at the top, labels in ``labels/final/`` under the same
-    names) or Medical Segmentation Decathlon (``imagesTr/`` + ``labelsTr/``).
+    names), Medical Segmentation Decathlon (``imagesTr/`` + ``labelsTr/``), or one folder per case
+    (``<case>/image.nii.gz`` + ``<case>/label.nii.gz``, the case named after its folder).
     Returns ``(cases, layout, unlabelled_image_names)``.
     """
     root = Path(dataset)
@@ -92,9 +107,15 @@ def find_cases(dataset: str | os.PathLike) -> tuple[list[CasePair], str, list[st
     elif (root / "labels" / "final").is_dir():
         layout, image_dir, label_dir = "monailabel", root, root / "labels" / "final"
     else:
-        raise UserInputError(
-            f"{root} is neither a MONAI Label datastore (images + labels/final/) nor a Decathlon folder (imagesTr/ + labelsTr/)"
-        )
+        folders = [d for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+        pairs = [(d.name, *_case_folder_pair(d)) for d in folders]
+        cases = [CasePair(name, img, lab) for name, img, lab in pairs if img is not None and lab is not None]
+        if not cases:
+            raise UserInputError(
+                f"{root} is neither a MONAI Label datastore (images + labels/final/), a Decathlon folder "
+                "(imagesTr/ + labelsTr/) nor a folder of case folders (<case>/image.nii.gz + label.nii.gz)"
+            )
+        return cases, "case_folders", [name for name, img, lab in pairs if img is not None and lab is None]
     labels = (
         {image_stem(p): p for p in sorted(label_dir.iterdir()) if is_image_file(p)}
         if label_dir.is_dir()

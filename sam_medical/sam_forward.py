@@ -2,15 +2,19 @@
 
 Shared by training, evaluation and serving, so that all of them see the model the same way:
 
-* images are ``256 x 256`` canvases (:mod:`sam_medical.geometry`), uint8, 3 channels;
+* images are ``256 x 256`` canvases (:mod:`sam_medical.geometry`), uint8, 3 channels, normalised as
+  the model's family says (:mod:`sam_medical.model_registry`: ImageNet mean/std for SAM, min-max to
+  ``[0, 1]`` per image for LiteMedSAM);
 * prompts are in canvas pixel coordinates (``x`` = column, ``y`` = row, 0..255) and are scaled by
   ``S / 256`` here, ``S`` being the model's input size (:func:`input_size`);
-* low-resolution logits are ``S/4`` square; :func:`logits_to_canvas` brings them to 256.
+* low-resolution logits are ``L`` square (:func:`low_res_size`: ``S/4`` for ViT SAM, 256 for
+  LiteMedSAM); :func:`logits_to_canvas` brings them to 256.
 
 Nothing here wraps the calls in ``torch.no_grad``: callers decide (training needs the gradients).
 
 Shapes: ``B`` images, ``N`` points per prompt set, ``P`` prompt sets for one image, ``M`` masks per prompt
-(1, or 3 with ``multimask_output``), ``C`` prompt embedding width, ``h = w = S/16``.
+(1, or 3 with ``multimask_output``), ``C`` prompt embedding width, ``h = w`` the embedding size
+(``S/16`` ViT, ``S/4`` TinyViT), ``L = 4h`` the low-resolution mask size.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .geometry import MODEL_SLICE_SIZE
+from .model_registry import NORM_MINMAX, family_of
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
@@ -33,11 +38,29 @@ def input_size(sam: Sam) -> int:
     return int(sam.image_encoder.img_size)
 
 
+def low_res_size(sam: Sam) -> int:
+    """``L``: the side of the decoder's low-resolution logits and of ``mask_inputs``."""
+    return int(sam.prompt_encoder.mask_input_size[0])
+
+
+def normalize(sam: Sam, x: torch.Tensor) -> torch.Tensor:
+    """Float images ``(B, 3, H, W)`` holding 0-255 values -> the model's input normalisation.
+
+    ImageNet families: ``(x - sam.pixel_mean) / sam.pixel_std``. Min-max families (LiteMedSAM, as MedSAM
+    preprocesses): ``(x - min) / max(max - min, 1e-8)`` over each whole image, giving ``[0, 1]``.
+    """
+    if family_of(sam).normalization == NORM_MINMAX:
+        lo = x.amin(dim=(1, 2, 3), keepdim=True)
+        hi = x.amax(dim=(1, 2, 3), keepdim=True)
+        return (x - lo) / (hi - lo).clamp_min(1e-8)
+    return (x - sam.pixel_mean) / sam.pixel_std
+
+
 def canvas_to_input(sam: Sam, canvas_u8: torch.Tensor) -> torch.Tensor:
     """Canvases ``(B, 256, 256, 3)`` or ``(B, 3, 256, 256)`` uint8 -> model input ``(B, 3, S, S)`` float.
 
-    Normalised with ``sam.pixel_mean`` / ``pixel_std``, upsampled bilinearly when ``S != 256``, on the
-    model's device.
+    Normalised as the model's family says (:func:`normalize`), upsampled bilinearly when ``S != 256``,
+    on the model's device.
     """
     if canvas_u8.ndim != 4:
         raise ValueError(
@@ -51,9 +74,8 @@ def canvas_to_input(sam: Sam, canvas_u8: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"expected 3 channels, got canvases of shape {tuple(canvas_u8.shape)}")
     if tuple(x.shape[-2:]) != (CANVAS_SIZE, CANVAS_SIZE):
         raise ValueError(f"expected {CANVAS_SIZE}x{CANVAS_SIZE} canvases, got {tuple(x.shape[-2:])}")
-    mean, std = sam.pixel_mean, sam.pixel_std
-    x = x.to(device=mean.device, dtype=mean.dtype)
-    x = (x - mean) / std
+    mean = sam.pixel_mean
+    x = normalize(sam, x.to(device=mean.device, dtype=mean.dtype))
     size = input_size(sam)
     if size != CANVAS_SIZE:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
@@ -61,7 +83,7 @@ def canvas_to_input(sam: Sam, canvas_u8: torch.Tensor) -> torch.Tensor:
 
 
 def encode(sam: Sam, images: torch.Tensor) -> torch.Tensor:
-    """Model inputs ``(B, 3, S, S)`` (from :func:`canvas_to_input`) -> image embeddings ``(B, C, S/16, S/16)``."""
+    """Model inputs ``(B, 3, S, S)`` (from :func:`canvas_to_input`) -> image embeddings ``(B, C, h, h)``."""
     return sam.image_encoder(images)
 
 
@@ -118,7 +140,7 @@ def _predict_masks_paired(
 
     The official method repeats every image embedding once per prompt set (``P`` prompts for one image);
     here ``embeddings (B, C, h, w)``, ``sparse (B, T, C)``, ``dense (B, C, h, w)`` go through together.
-    Returns all mask tokens: ``(B, 4, S/4, S/4)`` logits and ``(B, 4)`` IoU predictions.
+    Returns all mask tokens: ``(B, 4, L, L)`` logits and ``(B, 4)`` IoU predictions.
     """
     dec = sam.mask_decoder
     b = embeddings.shape[0]
@@ -157,11 +179,11 @@ def decode(
         points: ``(B, N, 2)`` canvas ``(x, y)``; ``point_labels`` ``(B, N)``: 1 foreground, 0 background,
             -1 padding (ignored, as in SAM).
         boxes: ``(B, 4)`` canvas ``(x0, y0, x1, y1)``.
-        mask_inputs: ``(B, 1, S/4, S/4)`` logits of a previous prediction.
+        mask_inputs: ``(B, 1, L, L)`` logits of a previous prediction.
         multimask_output: 3 masks per prompt set instead of 1.
 
     Returns:
-        ``low_res_logits (B, M, S/4, S/4)`` and ``iou_pred (B, M)``.
+        ``low_res_logits (B, M, L, L)`` and ``iou_pred (B, M)``.
     """
     b = embeddings.shape[0]
     sparse, dense = _prompt_embeddings(sam, b, points, point_labels, boxes, mask_inputs)
@@ -183,11 +205,11 @@ def decode_many(
 
     Args:
         embedding: ``(1, C, h, w)`` (or ``(C, h, w)``).
-        points ``(P, N, 2)``, point_labels ``(P, N)``, boxes ``(P, 4)``, mask_inputs ``(P, 1, S/4, S/4)``:
+        points ``(P, N, 2)``, point_labels ``(P, N)``, boxes ``(P, 4)``, mask_inputs ``(P, 1, L, L)``:
             as in :func:`decode`, with the prompt-set axis ``P`` first.
 
     Returns:
-        ``low_res_logits (P, M, S/4, S/4)`` and ``iou_pred (P, M)``.
+        ``low_res_logits (P, M, L, L)`` and ``iou_pred (P, M)``.
     """
     if embedding.ndim == 3:
         embedding = embedding.unsqueeze(0)
@@ -205,7 +227,7 @@ def decode_many(
 
 
 def logits_to_canvas(low_res_logits: torch.Tensor) -> torch.Tensor:
-    """Low-resolution logits ``(..., S/4, S/4)`` -> canvas logits ``(..., 256, 256)``, bilinear."""
+    """Low-resolution logits ``(..., L, L)`` -> canvas logits ``(..., 256, 256)``, bilinear."""
     lead, (h, w) = low_res_logits.shape[:-2], low_res_logits.shape[-2:]
     if (h, w) == (CANVAS_SIZE, CANVAS_SIZE):
         return low_res_logits

@@ -8,8 +8,8 @@ The recipe (SAMed / MedSAM):
   prompts (:class:`sam_medical.prompts.TrainPromptSampler`), split into training and validation by
   volume, read case by case (:class:`sam_medical.data.CaseGroupedSampler`);
 * loss: MONAI ``DiceCELoss(sigmoid=True, lambda_dice=0.8, lambda_ce=0.2)`` (SAMed's 0.8 Dice + 0.2 CE)
-  on the decoder's **low-resolution** logits ``(B, 1, S/4, S/4)``. The binary canvas target
-  ``(B, 1, 256, 256)`` is brought to ``S/4`` by *area averaging* (``F.interpolate(mode="area")``): each
+  on the decoder's **low-resolution** logits ``(B, 1, L, L)`` (``L = S/4`` for ViT SAM, 256 for LiteMedSAM).
+  The binary canvas target ``(B, 1, 256, 256)`` is brought to ``L`` by *area averaging* (``F.interpolate(mode="area")``): each
   low-res target pixel is the fraction of its footprint covered by the object, a soft target in
   ``[0, 1]``, so a structure thinner than one low-res pixel still pulls the logits up instead of
   vanishing as it would with nearest-neighbour resizing. (At ``S = 1024`` the low-res grid is the
@@ -67,6 +67,7 @@ from torch import nn
 from .atomic import atomic_path, write_json_atomic
 from .device import resolve_device
 from .errors import UserInputError
+from .model_registry import DEFAULT_MODEL
 from .prompts import PROMPT_MODES
 
 if TYPE_CHECKING:
@@ -92,7 +93,7 @@ class TrainConfig:
 
     data: str
     out: str
-    model: str = "tiny"
+    model: str = DEFAULT_MODEL
     checkpoint: str | None = None
     random_weights: bool = False
     image_size: int = 256
@@ -253,13 +254,13 @@ def decode_grouped(
     ``points=None`` where its prompt lacks that part (SAM then pads as it does for a user's prompt).
 
     Args:
-        embeddings: ``(B, C, S/16, S/16)``.
+        embeddings: ``(B, C, h, h)``.
         points: ``(B, P, 2)`` canvas ``[x, y]``; ``point_labels (B, P)``, -1 padding; an item with only
             padding has no clicks.
         box: ``(B, 4)`` canvas ``[x0, y0, x1, y1]``; ``has_box (B,)`` bool.
 
     Returns:
-        Low-resolution logits ``(B, 1, S/4, S/4)`` in the batch's order; with ``return_iou`` also SAM's
+        Low-resolution logits ``(B, 1, L, L)`` in the batch's order; with ``return_iou`` also SAM's
         predicted IoU ``(B, 1)``.
     """
     from .sam_forward import decode
@@ -296,7 +297,7 @@ class PromptedSam(nn.Module):
     """SAM as one module from canvases and prompts to low-res logits (what DDP wraps).
 
     ``forward(image (B,256,256,3) uint8, points (B,P,2), point_labels (B,P), box (B,4), has_box (B,))``
-    -> ``(B, 1, S/4, S/4)`` logits.
+    -> ``(B, 1, L, L)`` logits.
     """
 
     def __init__(self, sam: Sam) -> None:
@@ -596,7 +597,7 @@ class Trainer:
         cfg = self.config
         base = {
             k: self.base_info.get(k)
-            for k in ("name", "image_size", "checkpoint_md5", "random_weights", "seed")
+            for k in ("name", "image_size", "checkpoint_md5", "weights_digest", "random_weights", "seed")
         }
         return {
             "base": base,
@@ -884,7 +885,9 @@ class Trainer:
 
             stop_reason: str | None = None
             final: dict[str, float] | None = None
-            self.sam.train()
+            # the model stays in eval mode while its adapters train: nothing in SAM depends on the mode
+            # but BatchNorm (TinyViT), whose running statistics must stay frozen like every base weight
+            self.sam.eval()
             show = self.progress and self.dist.is_main and sys.stderr.isatty()
             while self.step < self.total_steps and stop_reason is None:
                 if self.micro_done == 0:

@@ -1,6 +1,6 @@
 """The Slicer workflow on real CT the models never saw (optional: needs ../shared/data).
 
-The real ``monailabel start_server`` with the demo model serves three soft-tissue-sarcoma CT volumes
+The real ``monailabel start_server`` with LiteMedSAM serves three soft-tissue-sarcoma CT volumes
 (float32 HU, LPS storage, non-square slices) to 3D Slicer's own client: click, cached click, ROI box,
 ``sam_3d``, a label saved from "Slicer", a training run that changes the served version and its output,
 and bad requests after which the server still answers.
@@ -35,7 +35,7 @@ def server(tmp_path_factory, request):
         shutil.copy(SHARED / name / "image.nii.gz", studies / f"{name}.nii.gz")
     for name in CASES[:2]:  # the third is labelled through the client
         shutil.copy(SHARED / name / "label.nii.gz", studies / "labels" / "final" / f"{name}.nii.gz")
-    with running_server(tmp, studies, {"model": "demo", "prefetch_slices": "2"}, request) as srv:
+    with running_server(tmp, studies, {"model": "medsam_lite", "prefetch_slices": "2"}, request) as srv:
         yield srv
 
 

@@ -199,9 +199,9 @@ def test_adapters_for_other_bases_or_bad_files_are_refused(tiny_model, canvases,
     path = tmp_path / "a.pt"
     save_adapter(sam, path, **_adapter_kwargs(sam, info))
 
-    demo, demo_info = build_sam("demo", random_weights=True)
-    with pytest.raises(UserInputError, match="made for base model tiny, not demo"):
-        load_adapter(demo, path, base_info=demo_info)
+    lite, lite_info = build_sam("medsam_lite", random_weights=True)
+    with pytest.raises(UserInputError, match="made for base model tiny, not medsam_lite"):
+        load_adapter(lite, path, base_info=lite_info)
 
     other_seed, other_info = build_sam("tiny", seed=1)
     with pytest.raises(UserInputError, match="seed 0, not seed 1"):

@@ -30,6 +30,7 @@ def test_tiny_is_deterministic_and_leaves_the_global_rng_alone(tiny_model):
         "image_size": 256,
         "checkpoint": None,
         "checkpoint_md5": None,
+        "weights_digest": None,
         "random_weights": True,
         "seed": 0,
     }
@@ -76,26 +77,6 @@ def test_official_model_is_never_silently_random(tmp_path):
         build_sam("vit_b", checkpoint=tmp_path / "x.pth", random_weights=True)
 
 
-def test_demo_without_its_asset_is_a_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setattr(models, "DEMO_ASSET", tmp_path / "assets" / "demo_sam.pt")
-    with pytest.raises(UserInputError, match="demo model's weights"):
-        build_sam("demo")
-    sam, info = build_sam("demo", random_weights=True)
-    assert info["random_weights"] and models.count_parameters(sam) * 4 < 20e6
-
-
-def test_demo_loads_its_asset(monkeypatch, tmp_path):
-    src, info = build_sam("demo", random_weights=True, seed=3)
-    asset = tmp_path / "demo_sam.pt"
-    save_full_model(src, asset, info, half=True)
-    monkeypatch.setattr(models, "DEMO_ASSET", asset)
-    sam, info2 = build_sam("demo")
-    assert info2["checkpoint"] == str(asset) and info2["checkpoint_md5"] == md5_file(asset)
-    assert not info2["random_weights"]
-    w, w0 = sam.image_encoder.patch_embed.proj.weight, src.image_encoder.patch_embed.proj.weight
-    assert torch.equal(w, w0.half().float())
-
-
 # --- checkpoints -----------------------------------------------------------------------------
 
 
@@ -119,8 +100,8 @@ def test_full_model_round_trip_at_another_size(tiny_model, tmp_path, canvases):
     assert big.image_encoder.blocks[1].attn.rel_pos_h.shape == (63, 64)  # global block: 2*32-1
     assert big.image_encoder.blocks[0].attn.rel_pos_h.shape == (15, 64)  # window 8 kept
 
-    with pytest.raises(UserInputError, match="holds a tiny model, not demo"):
-        build_sam("demo", checkpoint=path)
+    with pytest.raises(UserInputError, match="holds a tiny model, not medsam_lite"):
+        build_sam("medsam_lite", checkpoint=path)
 
 
 def test_bad_checkpoints_are_user_errors(tiny_sam, tmp_path):

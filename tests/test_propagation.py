@@ -53,7 +53,8 @@ def test_walk_recovers_the_object_and_stops_where_it_ends():
     distractor[2:6, 55:60, :] = True  # never touches the sphere: must be dropped
     fake = FakePredictor(truth, distractor)
     box0 = (20, 28, 26, 34)
-    out, info = propagate(fake, "v", volume_of(truth), 10, [(24, 30)], None, box0, label=3)
+    clicks = PropagationOptions(box_margin=0.1, use_point=True, min_iou=0.0)
+    out, info = propagate(fake, "v", volume_of(truth), 10, [(24, 30)], None, box0, label=3, options=clicks)
     assert out.dtype == np.uint8 and out.shape == SHAPE
     assert set(np.unique(out)) == {0, 3}
     np.testing.assert_array_equal(out > 0, truth)  # exactly the object: slices 4..16, no distractor
@@ -70,6 +71,20 @@ def test_walk_recovers_the_object_and_stops_where_it_ends():
         assert call["mask_input"] is None  # off by default
     # walked 11..17 up (17 empty) and 9..3 down (3 empty): nothing beyond the stops
     assert sorted(c["k"] for c in fake.calls) == list(range(3, 18))
+
+
+def test_default_walk_prompts_with_the_previous_tight_box_only_and_stops_on_low_iou():
+    """The measured defaults for a box-prompted model (LiteMedSAM): no click, the previous mask's box grown
+    by one voxel, and a walk that ends where SAM's predicted IoU falls below 0.75."""
+    truth = sphere()
+    fake = FakePredictor(truth, iou={14: 0.7})
+    out, info = propagate(fake, "v", volume_of(truth), 10, None, None, (20, 28, 26, 34))
+    for call in fake.calls[1:]:
+        k = call["k"]
+        prev = truth[:, :, k - 1] if k > 10 else truth[:, :, k + 1]
+        assert call["fg"] is None and call["box"] == mask_box(prev, 0.0, SHAPE[:2])
+    assert info["stopped"]["up"].startswith("predicted IoU 0.700")
+    assert info["slices"][-1] == 13 and info["stopped"]["down"] == "empty mask"
 
 
 def test_max_slices_and_mask_input():

@@ -122,6 +122,8 @@ def test_config_errors_are_clear(tmp_path, app_lib):
     with pytest.raises(UserInputError, match="unknown window"):
         configs.SamAppConfig.from_conf(tmp_path, {"window": "brain"})
     with pytest.raises(UserInputError, match="image size must be a multiple of 16"):
-        configs.SamAppConfig.from_conf(tmp_path, {"image_size": "300"})
+        configs.SamAppConfig.from_conf(tmp_path, {"model": "vit_b", "image_size": "300"})
+    with pytest.raises(UserInputError, match="medsam_lite runs only at input size 256"):
+        configs.SamAppConfig.from_conf(tmp_path, {"image_size": "1024"})
     cfg = configs.SamAppConfig.from_conf(tmp_path, {"model": "vit_b", "use_pretrained_model": "false"})
     assert cfg.random_weights and cfg.model_dir == tmp_path.resolve() / "model"

@@ -32,8 +32,8 @@ import torch
 from sam_medical import lora, sam_forward
 from sam_medical.device import resolve_device
 from sam_medical.errors import UserInputError
+from sam_medical.model_registry import get_family
 from sam_medical.model_store import NO_ADAPTER, ModelStore, check_version_id
-from sam_medical.models import DEMO_NOTE
 from sam_medical.predictor import EmbeddingCache, VolumeCache, VolumePredictor
 
 from .configs.sam import SamAppConfig, build_base_model
@@ -212,21 +212,35 @@ class ServedModel:
     def current_version(self) -> str | None:
         return self._current.model_version if self._current is not None else None
 
+    def model_line(self) -> str:
+        """One line naming the served model for task descriptions: family, digest, licence, training prompts."""
+        fam = get_family(self.config.model)
+        if self.config.random_weights:
+            return f"{fam.title}, seeded random weights"
+        digest = fam.describe()["weights_digest"]
+        source = f"weights {digest[:19]}..." if digest and not self.config.checkpoint else "weights from --conf checkpoint"
+        return f"{fam.title} ({source}; {fam.license}; trained with prompts: {fam.prompts_trained})"
+
     def weights_note(self) -> str:
-        """What a user must know about the served weights ('' for a pretrained official model)."""
+        """What a user must know about the served weights (the family's note; '' when nothing)."""
         if self.config.random_weights:
             return (
-                "RANDOM WEIGHTS, not pretrained (use_pretrained_model=false): for benchmarks and tests only"
+                "RANDOM WEIGHTS, not pretrained (use_pretrained_model=false or model tiny): for benchmarks and "
+                "tests only"
             )
-        if self.config.model == "demo":
-            return DEMO_NOTE
-        return ""
+        return get_family(self.config.model).note
 
     def describe(self) -> dict[str, Any]:
         """For ``/info/``: base model, weights, served version, known versions, caches (no model build)."""
         cfg = self.config
+        family = get_family(cfg.model).describe()
         out: dict[str, Any] = {
             "model": cfg.model,
+            "title": family["title"],
+            "provenance": family["provenance"],
+            "license": family["license"],
+            "prompts_trained": family["prompts_trained"],
+            "weights_digest": (self.base_info or {}).get("weights_digest") or family["weights_digest"],
             "image_size": cfg.image_size,
             "random_weights": cfg.random_weights,
             "weights": (

@@ -8,20 +8,22 @@ import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from ..models import MODEL_NAMES
+    from ..model_registry import MODEL_NAMES
 
     p = subparsers.add_parser(
         "describe",
         help="print a model's parameter counts (total, trainable with LoRA) as JSON",
         description=(
             "Build a SAM model, inject LoRA on q and v of its image encoder, and print one JSON line: "
-            "model, image_size, total_params, trainable_params, lora_params, decoder_params, random_weights. "
-            "Without --checkpoint the weights are random (nothing is downloaded): the counts do not depend on them."
+            "model, image_size, total_params, trainable_params, lora_params, decoder_params, random_weights, "
+            "and the model's provenance, licence, weights digest and the prompts it was trained with. "
+            "Without --checkpoint, official SAM weights are not downloaded: the counts are taken on random weights "
+            "(they do not depend on them); packaged weights (medsam_lite) are loaded and verified."
         ),
     )
     p.add_argument("--model", required=True, choices=MODEL_NAMES, help="model name")
     p.add_argument(
-        "--image-size", type=int, default=256, help="encoder input size (256 native, 1024 official)"
+        "--image-size", type=int, default=None, help="encoder input size (default: the model's own, 256)"
     )
     p.add_argument("--lora-rank", type=int, default=4, help="LoRA rank; 0 for no LoRA (default 4)")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank, scale 1)")
@@ -34,11 +36,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from ..errors import UserInputError
     from ..lora import inject_lora, lora_parameters, set_trainable
+    from ..model_registry import get_family
     from ..models import build_sam, count_parameters
 
     if args.lora_rank < 0:
         raise UserInputError(f"--lora-rank must be 0 or more, got {args.lora_rank}")
-    random_weights = args.checkpoint is None
+    # packaged weights are on disk already; official ones would need a download: count on random weights
+    random_weights = args.checkpoint is None and get_family(args.model).weights.kind != "packaged"
     sam, info = build_sam(
         args.model,
         image_size=args.image_size,
@@ -67,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         "lora_blocks": blocks,
         "train_decoder": bool(args.train_decoder),
         "checkpoint": info["checkpoint"],
+        "family": get_family(args.model).describe(),
     }
     print(json.dumps(out))
     return 0

@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from ..model_registry import DEFAULT_MODEL, MODEL_NAMES
+
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
@@ -23,7 +25,12 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         metavar="DIR",
         help="raw volumes (MONAI Label datastore or Decathlon folder), preprocessed into OUT/slices/ first",
     )
-    p.add_argument("--model", required=True, help="tiny, demo, vit_b, vit_l or vit_h")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        choices=MODEL_NAMES,
+        help=f"model family (default {DEFAULT_MODEL}: LiteMedSAM)",
+    )
     p.add_argument(
         "--checkpoint", help="model weights file (official SAM checkpoint or sam-medical model file)"
     )
@@ -78,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from ..preprocess import parse_label_list
 
     check_model_name(args.model)
-    check_image_size(args.image_size)
+    check_image_size(args.image_size, args.model)
     if args.baseline_checkpoint and not args.baseline_model:
         raise UserInputError("--baseline-checkpoint goes with --baseline-model")
     for flag, value in (("--adapter", args.adapter), ("--baseline-adapter", args.baseline_adapter)):

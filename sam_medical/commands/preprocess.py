@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     src.add_argument("--image", help="one image (.nii, .nii.gz, .nrrd, .mha); needs --label")
     src.add_argument(
         "--dataset",
-        help="a MONAI Label datastore (labels/final/) or a Decathlon folder (imagesTr/, labelsTr/)",
+        help="a MONAI Label datastore (labels/final/), a Decathlon folder (imagesTr/, labelsTr/), or a folder of case folders (<case>/image.nii.gz + label.nii.gz)",
     )
     p.add_argument("--label", help="the label map of --image")
     p.add_argument("--out", required=True, help="output folder for <case>.npz and manifest.json")

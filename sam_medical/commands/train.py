@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..model_registry import DEFAULT_MODEL, MODEL_NAMES
+
 
 def _int_list(text: str) -> list[int]:
     try:
@@ -47,7 +49,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "--val-max-items", type=int, default=None, help="validate on at most this many items (evenly spaced)"
     )
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="tiny", help="tiny | demo | vit_b | vit_l | vit_h (default tiny)")
+    g.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        choices=MODEL_NAMES,
+        help=f"model family (default {DEFAULT_MODEL}: LiteMedSAM, packaged and SHA-256-checked; tiny has "
+        "random weights, for tests)",
+    )
     g.add_argument("--checkpoint", default=None, help="weights file (official checkpoints are MD5-checked)")
     g.add_argument("--random-weights", action="store_true", help="seeded random weights (tests, benchmarks)")
     g.add_argument("--image-size", type=int, default=256, help="model input size: 256 (native, fast) or 1024")

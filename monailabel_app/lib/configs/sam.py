@@ -2,8 +2,8 @@
 
 | key | default | meaning |
 |---|---|---|
-| ``model`` | ``demo`` | ``tiny``, ``demo``, ``vit_b``, ``vit_l`` or ``vit_h`` |
-| ``checkpoint`` | none | a weights file; for vit_b/l/h without it, the official file is downloaded once into ``<app>/model/`` and MD5-checked |
+| ``model`` | ``medsam_lite`` | ``medsam_lite`` (LiteMedSAM, packaged), ``tiny`` (random, tests), ``vit_b``, ``vit_l`` or ``vit_h`` |
+| ``checkpoint`` | none | a weights file; medsam_lite uses the packaged file (SHA-256-checked); for vit_b/l/h without it, the official file is downloaded once into ``<app>/model/`` and MD5-checked |
 | ``use_pretrained_model`` | ``true`` | ``false``: seeded random weights (``/info/`` says so) |
 | ``seed`` | ``0`` | seed of random weights (adapters are tied to it) |
 | ``image_size`` | ``256`` | model input size (256 native, 1024 as the official models) |
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from sam_medical.errors import UserInputError
-from sam_medical.models import MODEL_NAMES, check_image_size
+from sam_medical.model_registry import DEFAULT_MODEL, MODEL_NAMES, check_image_size
 from sam_medical.predictor import window_options
 
 TRUE = ("1", "true", "yes", "on")
@@ -76,7 +76,7 @@ class SamAppConfig:
     """Validated app settings (see the module docstring)."""
 
     app_dir: str
-    model: str = "demo"
+    model: str = DEFAULT_MODEL
     checkpoint: str | None = None
     use_pretrained_model: bool = True
     seed: int = 0
@@ -120,7 +120,7 @@ class SamAppConfig:
             UserInputError: a value that cannot be used, with the accepted values.
         """
         c = {str(k): v for k, v in (conf or {}).items()}
-        model = str(c.get("model", "demo")).strip()
+        model = str(c.get("model", DEFAULT_MODEL)).strip()
         if model not in MODEL_NAMES:
             raise UserInputError(f"--conf model {model!r} is unknown; choose one of {', '.join(MODEL_NAMES)}")
         checkpoint = c.get("checkpoint") or None
@@ -129,7 +129,7 @@ class SamAppConfig:
         use_pretrained = as_bool(c.get("use_pretrained_model", "true"), "--conf use_pretrained_model")
         if checkpoint and not use_pretrained:
             raise UserInputError("--conf checkpoint and --conf use_pretrained_model false exclude each other")
-        image_size = check_image_size(as_int(c.get("image_size", 256), "--conf image_size"))
+        image_size = check_image_size(as_int(c.get("image_size", 256), "--conf image_size"), model)
         device = str(c.get("device", "auto")).strip().lower()
         if device not in ("auto", "cpu", "cuda") and not (
             device.startswith("cuda:") and device[5:].isdigit()

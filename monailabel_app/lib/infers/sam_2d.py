@@ -66,7 +66,7 @@ class Sam2D(SamInferTask):
             served,
             dimension=2,
             description=(
-                f"Segment Anything ({served.config.model}, LoRA-adaptable), one slice per click: "
+                f"{served.model_line()}, LoRA-adaptable; one slice per click: "
                 "foreground/background points and/or an ROI box"
                 + (f". {served.weights_note()}" if served.weights_note() else "")
             ),

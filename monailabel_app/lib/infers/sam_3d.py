@@ -33,7 +33,7 @@ class Sam3D(SamInferTask):
             served,
             dimension=3,
             description=(
-                f"Segment Anything ({served.config.model}) in 3D: a prompt on one slice, propagated slice by "
+                f"{served.model_line()}, in 3D: a prompt on one slice, propagated slice by "
                 "slice up and down" + (f". {served.weights_note()}" if served.weights_note() else "")
             ),
             config={"max_slices": 0, "min_iou": 0.0},
