@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_path
-from .errors import UserInputError
+from .errors import UserInputError, library_detail
 
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 GEOMETRY_TOLERANCE = 1e-3
@@ -89,11 +89,8 @@ def _check_file(path: str | os.PathLike, what: str) -> Path:
 
 
 def _unreadable(p: Path, what: str, exc: BaseException) -> UserInputError:
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    detail = next(
-        (ln for ln in lines if "rror" in ln or "ould not" in ln), lines[0] if lines else type(exc).__name__
-    )
-    return UserInputError(f"cannot read {what} {p}: corrupt, truncated or unsupported file ({detail[:160]})")
+    detail = library_detail(exc, limit=160)
+    return UserInputError(f"cannot read {what} {p}: corrupt, truncated or unsupported file ({detail})")
 
 
 def _read(path: str | os.PathLike, what: str) -> tuple[np.ndarray, tuple, tuple, tuple]:
