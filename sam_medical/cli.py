@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from .errors import UserInputError, one_line
 
-COMMANDS = ("make_samples", "preprocess", "describe", "train", "evaluate", "download")
+COMMANDS = ("make_samples", "preprocess", "describe", "train", "evaluate", "download", "workspace")
 
 
 def build_parser() -> argparse.ArgumentParser:
