@@ -2,8 +2,11 @@
 
 Start it (binds only where ``--host`` says)::
 
-    monailabel start_server --app monailabel_app --studies sample_volumes --conf model tiny \\
-        --host 127.0.0.1 --port 8000
+    monailabel start_server --app "$(sam-medical workspace --print app)" \\
+        --studies "$(sam-medical workspace --print studies)" --conf model tiny --host 127.0.0.1 --port 8000
+
+(the server writes into the app folder and the datastore it serves: the workspace is a working copy of
+this app and of the sample volumes outside the repository).
 
 Tasks: ``sam_2d`` (deepgrow, 2D: a click -> that slice), ``sam_3d`` (deepgrow, 3D: a prompt -> the
 object through the volume), ``sam_lora`` (train: LoRA on the final labels, hot-swapped when published).
