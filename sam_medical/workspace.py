@@ -22,6 +22,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+from .atomic import atomic_path
 from .errors import UserInputError
 
 #: Folders of the app that the server writes, or Python caches: never copied, never removed.
@@ -47,16 +48,6 @@ def _code_files(app: Path) -> dict[Path, Path]:
     return out
 
 
-def _copy_atomic(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        shutil.copy2(source, tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def sync_app(source: Path, target: Path) -> int:
     """Make ``target``'s code equal to ``source``'s (its runtime folders untouched); return files changed."""
     wanted = _code_files(source)
@@ -64,7 +55,8 @@ def sync_app(source: Path, target: Path) -> int:
     for rel, src in wanted.items():
         dst = target / rel
         if not dst.is_file() or not filecmp.cmp(src, dst, shallow=False):
-            _copy_atomic(src, dst)
+            with atomic_path(dst) as tmp:  # a server starting meanwhile never imports half a module
+                shutil.copyfile(src, tmp)
             changed += 1
     for rel in _code_files(target):  # a module deleted from the repository must not linger in the copy
         if rel not in wanted:
