@@ -116,6 +116,7 @@ async def infer(
             shutil.copyfileobj(file.file, out)
         background_tasks.add_task(remove_file, out.name)
         image = trusted = out.name
+        session_id = ""  # the uploaded file is the image (as the Slicer client never sends both)
     elif session_id:
         check_name(session_id, "session id")
         sessions = app_instance().sessions()
