@@ -2,8 +2,11 @@
 
 Start it (binds only where ``--host`` says)::
 
-    monailabel start_server --app monailabel_app --studies sample_volumes --conf model tiny \\
-        --host 127.0.0.1 --port 8000
+    monailabel start_server --app "$(sam-medical workspace --print app)" \\
+        --studies "$(sam-medical workspace --print studies)" --conf model tiny --host 127.0.0.1 --port 8000
+
+(the server writes into the app folder and the datastore it serves: the workspace is a working copy of
+this app and of the sample volumes outside the repository).
 
 Tasks: ``sam_2d`` (deepgrow, 2D: a click -> that slice), ``sam_3d`` (deepgrow, 3D: a prompt -> the
 object through the volume), ``sam_lora`` (train: LoRA on the final labels, hot-swapped when published).
@@ -16,14 +19,19 @@ import logging
 from typing import Any
 
 from lib.configs.sam import SamAppConfig
+from lib.datastore import GuardedDatastore, refuse
 from lib.infers.base import check_infer_request
 from lib.infers.sam_2d import Sam2D
 from lib.infers.sam_3d import Sam3D
 from lib.served_model import ServedModel
 from lib.trainers.sam_lora import SamLoraTrain
+from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.train import TrainTask
+
+from sam_medical.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +49,17 @@ class MyApp(MONAILabelApp):
             version="0.1.0",
         )
 
+    def init_datastore(self) -> Datastore:
+        """A local datastore that guards its files (``lib/datastore.py``); remote datastores as MONAI Label's."""
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        return GuardedDatastore(
+            self.studies,
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
     def init_infers(self) -> dict[str, InferTask]:
         return {"sam_2d": Sam2D(self.served), "sam_3d": Sam3D(self.served)}
 
@@ -51,11 +70,41 @@ class MyApp(MONAILabelApp):
         # only the server calls this (not the training subprocess): build the model now, so that a
         # missing checkpoint or an offline download is reported at start, not at the first click
         self.served.load()
+        from lib import http_guard  # the server's FastAPI routes (not needed in the training subprocess)
+
+        http_guard.install()  # checked routes and 4xx answers in front of MONAI Label's endpoints
         super().on_init_complete()
 
     def infer(self, request: dict[str, Any], datastore: Any = None) -> dict[str, Any]:
-        sessions = self.sessions()
-        check_infer_request(
-            request, self._infers, datastore or self.datastore(), [sessions.store_path] if sessions else []
-        )
+        """Segment a datastore image (or the file/session image this request brought): nothing else."""
+        uri = check_infer_request(request, self._infers, datastore or self.datastore())
+        if uri is not None:  # an id: read the datastore's own file, never a path named like the id
+            request = {**request, "image": uri}
         return super().infer(request, datastore)
+
+    def check_train_request(self, model: str, params: dict[str, Any]) -> None:
+        """Check a training request before MONAI Label schedules it (``lib/http_guard.py`` calls this).
+
+        Raises:
+            HTTPException: 404 for an unknown train task; 422 for an option it refuses.
+        """
+        task = self._trainers.get(model)
+        if task is None:
+            raise refuse(404, f"unknown train task {model!r}; available: {', '.join(self._trainers)}")
+        check = getattr(task, "check_request", None)
+        if check is not None:
+            try:
+                check(params)
+            except UserInputError as exc:
+                raise refuse(422, str(exc)) from None
+
+    def train(self, request: dict[str, Any]) -> Any:
+        """Run a train task. In MONAI Label's training subprocess, a refused run ends with one log line
+        and exit code 2 (no traceback in ``GET /train/``); in the server (``run_sync``) it is a 422."""
+        try:
+            return super().train(request)
+        except UserInputError as exc:
+            if self._server_mode:
+                raise
+            logger.error(f"{request.get('model')}: {exc}")
+            raise SystemExit(2) from None

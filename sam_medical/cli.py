@@ -5,7 +5,8 @@ Each sub-command lives in ``sam_medical/commands/<name>.py`` and exposes ``regis
 that ``sam-medical --help`` and argument errors answer at once.
 
 A user's mistake (:class:`~sam_medical.errors.UserInputError`) is printed as one line, ``error: ...``,
-with exit code 2, like argparse's own errors. Ctrl-C exits with 130.
+with exit code 2, like argparse's own errors; so is a file that cannot be read or written (an
+``OSError`` naming it). Ctrl-C exits with 130.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from .errors import UserInputError
+from .errors import UserInputError, one_line
 
-COMMANDS = ("make_samples", "preprocess", "describe", "train", "evaluate", "download")
+COMMANDS = ("make_samples", "preprocess", "describe", "train", "evaluate", "download", "workspace")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +45,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except UserInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file that cannot be read or written (permissions, disk full, read-only)
+        if exc.filename is None:
+            raise
+        print(f"error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .atomic import atomic_path
-from .errors import UserInputError
+from .errors import UserInputError, library_detail
 from .model_registry import family_of, load_callable
 
 if TYPE_CHECKING:
@@ -387,11 +387,10 @@ def _read_adapter(path: str | os.PathLike) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise UserInputError(
             f"adapter {path} could not be read; it is corrupt, truncated or not a PyTorch file "
-            f"({type(exc).__name__}: {first})"
-        ) from exc
+            f"({library_detail(exc)})"
+        ) from None
     if not isinstance(obj, dict) or obj.get("format") != ADAPTER_FORMAT:
         raise UserInputError(f"{path} is not a sam-medical LoRA adapter file")
     if obj.get("format_version") != ADAPTER_FORMAT_VERSION:
@@ -405,7 +404,52 @@ def _read_adapter(path: str | os.PathLike) -> dict[str, Any]:
         raise UserInputError(f"adapter {path} is incomplete (no metadata or no LoRA weights)")
     if not all(isinstance(v, torch.Tensor) for v in lora.values()):
         raise UserInputError(f"adapter {path} is corrupt: its LoRA entries are not all tensors")
+    _check_adapter_meta(meta, path)
+    _check_finite(lora, path, "LoRA weights")
+    decoder = obj.get("decoder")
+    if decoder is not None:
+        if not isinstance(decoder, dict) or not all(isinstance(v, torch.Tensor) for v in decoder.values()):
+            raise UserInputError(f"adapter {path} is corrupt: its mask decoder entries are not all tensors")
+        _check_finite(decoder, path, "mask decoder weights")
     return obj
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_adapter_meta(meta: dict[str, Any], path: Path) -> None:
+    """Refuse metadata of the wrong types or values (``rank: "abc"``, ``alpha: nan``...), naming the key."""
+    problems = []
+    if not isinstance(meta["model"], str) or not meta["model"]:
+        problems.append(f"model {meta['model']!r} is not a model name")
+    if not _is_int(meta["rank"]) or meta["rank"] < 1:
+        problems.append(f"rank {meta['rank']!r} is not a positive integer")
+    alpha = meta["alpha"]
+    if not (
+        isinstance(alpha, int | float) and not isinstance(alpha, bool) and math.isfinite(alpha) and alpha > 0
+    ):
+        problems.append(f"alpha {alpha!r} is not a positive number")
+    blocks = meta["blocks"]
+    if not isinstance(blocks, list) or not blocks or not all(_is_int(b) and b >= 0 for b in blocks):
+        problems.append(f"blocks {blocks!r} is not a list of block indices")
+    if not _is_int(meta["image_size"]) or meta["image_size"] < 1:
+        problems.append(f"image_size {meta['image_size']!r} is not a positive integer")
+    if "train_decoder" in meta and not isinstance(meta["train_decoder"], bool):
+        problems.append(f"train_decoder {meta['train_decoder']!r} is not true or false")
+    if meta.get("version") is not None and not isinstance(meta["version"], str):
+        problems.append(f"version {meta['version']!r} is not a string")
+    if problems:
+        raise UserInputError(f"adapter {path} has damaged metadata: {'; '.join(problems)}")
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], path: Path, what: str) -> None:
+    """Refuse NaN or infinite values: such an adapter would turn every answer into NaN."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UserInputError(
+            f"adapter {path} holds NaN or infinite {what} ({len(bad)} tensors, e.g. {bad[0]}); it is refused"
+        )
 
 
 def read_adapter_meta(path: str | os.PathLike) -> dict[str, Any]:

@@ -26,10 +26,11 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import write_json_atomic
-from .errors import UserInputError
+from .errors import UserInputError, library_detail
 from .geometry import MODEL_SLICE_SIZE, SliceGeometry
 from .intensity import IntensityWindow, resolve_window
 from .npz_io import save_npz
+from .outdir import prepare_output_dir, remove_created
 from .volume import Volume, image_stem, is_image_file, load_label, load_volume
 
 
@@ -308,8 +309,10 @@ def _run_one(args: tuple) -> tuple[str, dict | None, str | None]:
         return pair.name, preprocess_case(pair.image, pair.label, out_dir, options, name=pair.name), None
     except UserInputError as exc:
         return pair.name, None, str(exc)
+    except OSError as exc:  # the slice file could not be written (disk full, permissions)
+        return pair.name, None, f"cannot write {exc.filename or out_dir}: {exc.strerror or exc}"
     except Exception as exc:  # noqa: BLE001 - a batch goes on past one bad case and reports it
-        return pair.name, None, f"{type(exc).__name__}: {exc}"
+        return pair.name, None, f"{type(exc).__name__}: {library_detail(exc)}"
 
 
 def preprocess_cases(
@@ -323,16 +326,21 @@ def preprocess_cases(
 ) -> dict:
     """Preprocess many cases (in parallel with ``workers`` processes); write ``manifest.json``.
 
-    A bad case does not stop the batch: it is listed under ``failed`` with its error.
+    A bad case does not stop the batch: it is listed under ``failed`` with its error. When no case
+    could be preprocessed, nothing is written (no ``manifest.json``; a folder this call created is
+    removed again) and the returned manifest lists the failures.
+
+    Raises:
+        UserInputError: ``out_dir`` cannot be written; two cases would write the same file.
     """
     options = options or PreprocessOptions()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     cases = list(cases)
     names = [c.name for c in cases]
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise UserInputError(f"two images would write the same slice file: {dup}")
+    created = prepare_output_dir(out_dir)
     start = time.perf_counter()
     done: dict[str, dict] = {}
     failed: list[dict] = []
@@ -366,7 +374,10 @@ def preprocess_cases(
             "seconds": round(time.perf_counter() - start, 3),
         },
     }
-    write_json_atomic(out_dir / "manifest.json", manifest)
+    if entries:
+        write_json_atomic(out_dir / "manifest.json", manifest)
+    else:
+        remove_created(created)
     return manifest
 
 

@@ -68,6 +68,7 @@ from .atomic import atomic_path, write_json_atomic
 from .device import resolve_device
 from .errors import UserInputError
 from .model_registry import DEFAULT_MODEL
+from .outdir import prepare_output_dir
 from .prompts import PROMPT_MODES
 
 if TYPE_CHECKING:
@@ -78,6 +79,8 @@ STATE_FORMAT_VERSION = 1
 #: Set to 1 to make every rank write ``rank{r}_lora_sha.txt`` (hash of its trainable tensors at the
 #: start and the end): the check that DDP ranks end with identical adapters.
 DEBUG_HASH_ENV = "SAM_MEDICAL_DEBUG_RANK_HASH"
+#: The files of one run; a new run refuses a folder holding any of them (unless ``overwrite``).
+RUN_FILES = ("summary.json", "last.pt", "log.jsonl", "adapter.pt")
 LAMBDA_DICE = 0.8
 LAMBDA_CE = 0.2
 
@@ -119,6 +122,7 @@ class TrainConfig:
     grad_accum: int = 1
     device: str = "auto"
     resume: bool = False
+    overwrite: bool = False
     workers: int = 0
     cache_size: int = 2
     adapter_init: str | None = None
@@ -144,6 +148,13 @@ class TrainConfig:
             raise UserInputError(f"--max-steps must be >= 1, got {self.max_steps}")
         if self.prompt not in PROMPT_MODES:
             raise UserInputError(f"--prompt must be one of {', '.join(PROMPT_MODES)}, got {self.prompt!r}")
+        for name, value in (("lr", self.lr), ("weight_decay", self.weight_decay)):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise UserInputError(f"--{name.replace('_', '-')} must be a finite number, got {value!r}")
+        if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise UserInputError(f"--lora-alpha must be a positive number, got {self.lora_alpha!r}")
+        if not math.isfinite(self.val_fraction):
+            raise UserInputError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.lr <= 0 or self.weight_decay < 0:
             raise UserInputError("--lr must be > 0 and --weight-decay >= 0")
         if self.warmup_steps is not None and self.warmup_steps < 0:
@@ -156,6 +167,10 @@ class TrainConfig:
             raise UserInputError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.val_max_items is not None and self.val_max_items < 1:
             raise UserInputError("val_max_items must be >= 1")
+        if self.resume and self.overwrite:
+            raise UserInputError(
+                "--resume continues the run in --out and --overwrite starts it again: give one"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -386,6 +401,58 @@ def validate(
     return mean_dice(dice_sums(sam, loader, kinds, device, amp_dtype))
 
 
+# --- the resumable state -------------------------------------------------------------------------
+
+_NUMBER = (int, float)
+#: What ``last.pt`` must hold for a resume, and of which types (see ``Trainer._save_state``).
+STATE_KEYS: dict[str, tuple[type, ...]] = {
+    "identity": (dict,),
+    "trainable": (dict,),
+    "optimizer": (dict,),
+    "scheduler": (dict,),
+    "scaler": (dict,),
+    "epoch": (int,),
+    "micro_done": (int,),
+    "epoch_loss_sum": _NUMBER,
+    "epoch_loss_count": (int,),
+    "step": (int,),
+    "initial_val_dice": (*_NUMBER, type(None)),
+    "best_val_dice": _NUMBER,
+    "best_epoch": (int,),
+    "elapsed": _NUMBER,
+    "train_cases": (list,),
+    "train_items": (int,),
+    "world_size": (int,),
+    "batch_size": (int,),
+    "history": (str,),
+    "torch_rng": (torch.Tensor,),
+}
+
+
+def check_state(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """Refuse a training state that lacks a key or holds a value of the wrong type (a damaged file).
+
+    Raises:
+        UserInputError: naming the missing or damaged keys.
+    """
+    missing = [k for k in STATE_KEYS if k not in state]
+    if missing:
+        raise UserInputError(f"cannot resume: {path} is incomplete (missing {', '.join(missing)})")
+    bad = [
+        k for k, types in STATE_KEYS.items() if isinstance(state[k], bool) or not isinstance(state[k], types)
+    ]
+    if "trainable" not in bad and not all(isinstance(v, torch.Tensor) for v in state["trainable"].values()):
+        bad.append("trainable")
+    if bad:
+        raise UserInputError(
+            f"cannot resume: {path} is damaged (wrong values for {', '.join(sorted(set(bad)))})"
+        )
+    try:
+        json.loads(state["history"])
+    except ValueError:
+        raise UserInputError(f"cannot resume: {path} is damaged (unreadable history)") from None
+
+
 # --- the trainer --------------------------------------------------------------------------------
 
 
@@ -470,8 +537,7 @@ class Trainer:
             cfg.device, local_rank=self.dist.local_rank if self.dist.distributed else None
         )
         self.amp_dtype = amp_dtype_for(self.device)
-        if cfg.resume and not self.last_path.is_file():
-            raise UserInputError(f"cannot resume: {self.last_path} does not exist")
+        self._check_run_folder()
 
         # data (before the model: bad data is the most common mistake and the cheapest to find)
         files = list_npz(cfg.data)
@@ -591,6 +657,49 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         if cfg.resume:
             self._load_state()
+            if self.step >= self.total_steps:
+                raise UserInputError(
+                    f"nothing to resume: the run in {self.out} is complete ({self.step} of {self.total_steps} "
+                    "steps); give more --epochs or --max-steps with --resume to train it further"
+                )
+
+    def _check_run_folder(self) -> None:
+        """One run per folder: a new run refuses a folder that holds another one, unless ``overwrite``.
+
+        ``resume`` needs ``last.pt``; ``overwrite`` deletes the earlier run's files first (rank 0), so
+        that an old ``summary.json`` or ``last.pt`` never sits beside a new run's files.
+
+        Raises:
+            UserInputError: ``out`` is a file or cannot be written; it holds a run and neither
+                ``resume`` nor ``overwrite`` was given; ``resume`` without ``last.pt``.
+        """
+        cfg, out = self.config, self.out
+        if out.exists() and not out.is_dir():
+            raise UserInputError(f"--out {out} is a file, not a folder")
+        found = [name for name in RUN_FILES if (out / name).exists()]
+        if cfg.resume:
+            if not self.last_path.is_file():
+                why = (
+                    f" (the run in {out} ended before its first validation finished: start it again with "
+                    "--overwrite)"
+                    if found
+                    else ""
+                )
+                raise UserInputError(f"cannot resume: {self.last_path} does not exist{why}")
+        elif found:
+            if not cfg.overwrite:
+                raise UserInputError(
+                    f"--out {out} already holds a training run ({', '.join(found)}): continue it with "
+                    "--resume, or start again with --overwrite"
+                )
+            if self.dist.is_main:
+                for path in [
+                    *(out / name for name in RUN_FILES),
+                    self.stop_path,
+                    *out.glob("rank*_lora_sha.txt"),
+                ]:
+                    path.unlink(missing_ok=True)
+        prepare_output_dir(out)
 
     # --- resumable state ------------------------------------------------------------------------
     def _identity(self) -> dict[str, Any]:
@@ -648,6 +757,7 @@ class Trainer:
             ) from exc
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise UserInputError(f"cannot resume: {self.last_path} is not a sam-medical training state")
+        check_state(state, self.last_path)
         saved, current = state["identity"], self._identity()
         for key in ("base", "rank", "alpha", "blocks", "train_decoder"):
             if saved.get(key) != current.get(key):
@@ -661,12 +771,18 @@ class Trainer:
             raise UserInputError(
                 f"cannot resume from {self.last_path}: its trainable tensors do not fit this model"
             )
-        with torch.no_grad():
-            for name, value in trainable.items():
-                params[name].copy_(value)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        try:
+            with torch.no_grad():
+                for name, value in trainable.items():
+                    params[name].copy_(value)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise UserInputError(
+                f"cannot resume from {self.last_path}: its optimiser or model state does not fit this run "
+                f"({type(exc).__name__})"
+            ) from None
         self.epoch = int(state["epoch"])
         self.micro_done = int(state["micro_done"])
         self.epoch_loss_sum = float(state["epoch_loss_sum"])
@@ -695,8 +811,13 @@ class Trainer:
             self._say("resume: the data, batch size or world size changed; the interrupted epoch restarts")
             self.micro_done = 0
             self.epoch_loss_sum, self.epoch_loss_count = 0.0, 0
-        torch.set_rng_state(state["torch_rng"])
-        if torch.cuda.is_available() and state["cuda_rng"]:
+        try:
+            torch.set_rng_state(state["torch_rng"])
+        except (TypeError, RuntimeError):
+            raise UserInputError(
+                f"cannot resume from {self.last_path}: its random state is damaged"
+            ) from None
+        if torch.cuda.is_available() and state.get("cuda_rng"):
             torch.cuda.set_rng_state_all(state["cuda_rng"])
 
     # --- pieces of the loop ---------------------------------------------------------------------
@@ -882,6 +1003,7 @@ class Trainer:
                 record["best"] = True
                 self._finish_epoch_record(record)
                 self._say(f"initial validation Dice {val['mean']:.4f} ({self.val_items} items)")
+                self._save_state(elapsed())  # a run killed in its first epoch can resume from here
 
             stop_reason: str | None = None
             final: dict[str, float] | None = None

@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .atomic import atomic_path
-from .errors import UserInputError
+from .errors import UserInputError, library_detail
 
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 GEOMETRY_TOLERANCE = 1e-3
@@ -89,11 +90,8 @@ def _check_file(path: str | os.PathLike, what: str) -> Path:
 
 
 def _unreadable(p: Path, what: str, exc: BaseException) -> UserInputError:
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    detail = next(
-        (ln for ln in lines if "rror" in ln or "ould not" in ln), lines[0] if lines else type(exc).__name__
-    )
-    return UserInputError(f"cannot read {what} {p}: corrupt, truncated or unsupported file ({detail[:160]})")
+    detail = library_detail(exc, limit=160)
+    return UserInputError(f"cannot read {what} {p}: corrupt, truncated or unsupported file ({detail})")
 
 
 def _read(path: str | os.PathLike, what: str) -> tuple[np.ndarray, tuple, tuple, tuple]:
@@ -108,27 +106,13 @@ def _read(path: str | os.PathLike, what: str) -> tuple[np.ndarray, tuple, tuple,
     import SimpleITK as sitk
 
     p = _check_file(path, what)
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(p))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as exc:
-        raise _unreadable(p, what, exc) from None
-    size = list(reader.GetSize())
-    dim = reader.GetDimension()
-    if reader.GetNumberOfComponents() != 1:
-        raise UserInputError(
-            f"{what} {p} has {reader.GetNumberOfComponents()} components per voxel; a scalar 3D volume is required"
-        )
-    if dim == 4 and size[3] == 1:
-        dim, size = 3, size[:3]
-    if dim != 3:
-        raise UserInputError(f"{what} {p} is {dim}D (size {size}); a 3D volume is required")
-    spacing = tuple(float(s) for s in reader.GetSpacing()[:3])
-    origin = tuple(float(o) for o in reader.GetOrigin()[:3])
-    direction = tuple(float(d) for d in reader.GetDirection())
-    if len(direction) == 16:  # a 4D header with one volume: keep the 3x3 spatial part
-        direction = tuple(direction[r * 4 + c] for r in range(3) for c in range(3))
+    reader, geometry = _read_header(p, what)
+    size, spacing, origin, direction = (
+        list(geometry.shape),
+        geometry.spacing,
+        geometry.origin,
+        geometry.direction,
+    )
     is_nifti = p.name.lower().endswith((".nii", ".nii.gz"))
     is_float = reader.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64)
     if is_nifti and is_float:
@@ -157,6 +141,62 @@ def _read(path: str | os.PathLike, what: str) -> tuple[np.ndarray, tuple, tuple,
             f"{what} {p}: header size {size} does not match its voxel data {list(arr.shape)}"
         )
     return arr, spacing, origin, direction
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Size and placement of a volume, read from its header: ``shape (I, J, K)``, ``spacing``, ``origin``,
+    ``direction`` as in :class:`Volume`."""
+
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+
+
+def _read_header(p: Path, what: str) -> tuple[Any, Geometry]:
+    """``(reader, geometry)`` of a scalar 3D image file, from its header (no voxel data is read).
+
+    Raises:
+        UserInputError: unreadable, not scalar, not 3D (a 4D file with one volume counts as 3D).
+    """
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise _unreadable(p, what, exc) from None
+    size = list(reader.GetSize())
+    dim = reader.GetDimension()
+    if reader.GetNumberOfComponents() != 1:
+        raise UserInputError(
+            f"{what} {p} has {reader.GetNumberOfComponents()} components per voxel; a scalar 3D volume is required"
+        )
+    if dim == 4 and size[3] == 1:
+        dim, size = 3, size[:3]
+    if dim != 3:
+        raise UserInputError(f"{what} {p} is {dim}D (size {size}); a 3D volume is required")
+    direction = tuple(float(d) for d in reader.GetDirection())
+    if len(direction) == 16:  # a 4D header with one volume: keep the 3x3 spatial part
+        direction = tuple(direction[r * 4 + c] for r in range(3) for c in range(3))
+    geometry = Geometry(
+        shape=tuple(int(n) for n in size),  # type: ignore[arg-type]
+        spacing=tuple(float(s) for s in reader.GetSpacing()[:3]),  # type: ignore[arg-type]
+        origin=tuple(float(o) for o in reader.GetOrigin()[:3]),  # type: ignore[arg-type]
+        direction=direction,
+    )
+    return reader, geometry
+
+
+def read_geometry(path: str | os.PathLike, *, what: str = "image") -> Geometry:
+    """The geometry of a scalar 3D image file, from its header only (cheap for a large volume).
+
+    Raises:
+        UserInputError: missing, empty, unreadable, not scalar or not 3D.
+    """
+    return _read_header(_check_file(path, what), what)[1]
 
 
 def _pixel_itemsize(pixel_id: int) -> int:
@@ -242,7 +282,7 @@ def load_volume(path: str | os.PathLike, *, what: str = "image") -> Volume:
     return Volume(array=arr, spacing=spacing, origin=origin, direction=direction, path=str(path))
 
 
-def check_same_geometry(image: Volume, other: Volume, what: str = "label") -> None:
+def check_same_geometry(image: Volume | Geometry, other: Volume, what: str = "label") -> None:
     """Raise :class:`UserInputError` unless ``other`` has the image's shape, spacing, origin, direction."""
     if image.shape != other.shape:
         raise UserInputError(

@@ -97,16 +97,20 @@ def http_error(exc) -> tuple[int, dict]:
 
 
 @contextlib.contextmanager
-def running_server(tmp: Path, studies: Path, conf: dict[str, str], request) -> Iterator[dict]:
-    """Start ``monailabel start_server`` on 127.0.0.1 with a copy of the app; yield url, client and paths.
+def running_server(
+    tmp: Path, studies: Path, conf: dict[str, str], request, app: Path | None = None
+) -> Iterator[dict]:
+    """Start ``monailabel start_server`` on 127.0.0.1; yield url, client and paths.
 
-    The server runs in its own process group and is stopped at the end; its log is printed when a test
-    of the calling module failed.
+    It serves ``app``, by default a copy of the repository's app made in ``tmp`` (the server writes into
+    its app folder). The server runs in its own process group and is stopped at the end; its log is
+    printed when a test of the calling module failed.
     """
-    app = tmp / "app"
-    shutil.copytree(
-        REPO / "monailabel_app", app, ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__")
-    )
+    if app is None:
+        app = tmp / "app"
+        shutil.copytree(
+            REPO / "monailabel_app", app, ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__")
+        )
     port = free_port()
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")  # its `python` is ours

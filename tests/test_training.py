@@ -178,9 +178,10 @@ def test_stop_event_and_failed_save_leave_no_partial_adapter(small_dir: Path, tm
 
     out = tmp_path / "ev"
     stop = threading.Event()
-    summary = train(
+    trainer = Trainer(
         _cfg(data_dir, out, epochs=3, lr=1e-2), progress=False, stop_event=stop, on_step=lambda i: stop.set()
     )
+    summary = trainer.run()
     assert summary["stopped_early"] and summary["steps"] == 1 and summary["best_epoch"] == 0
     good = (out / "adapter.pt").read_bytes()
 
@@ -195,7 +196,7 @@ def test_stop_event_and_failed_save_leave_no_partial_adapter(small_dir: Path, tm
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        train(_cfg(data_dir, out, epochs=1), progress=False)
+        trainer._save_best(0.99, 2)  # a better epoch whose adapter cannot be written
     assert (out / "adapter.pt").read_bytes() == good
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 

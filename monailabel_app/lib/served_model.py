@@ -31,7 +31,7 @@ import torch
 
 from sam_medical import lora, sam_forward
 from sam_medical.device import resolve_device
-from sam_medical.errors import UserInputError
+from sam_medical.errors import UserInputError, library_detail
 from sam_medical.model_registry import get_family
 from sam_medical.model_store import NO_ADAPTER, ModelStore, check_version_id
 from sam_medical.predictor import EmbeddingCache, VolumeCache, VolumePredictor
@@ -113,14 +113,19 @@ class ServedModel:
             self._follow_current()
 
     @staticmethod
-    def _warm_up(sam: Any) -> None:
-        """One encode + decode on a blank canvas: one-time allocations happen now, not at the first click."""
-        canvas = torch.zeros(1, 256, 256, 3, dtype=torch.uint8)
+    def _warm_up(sam: Any) -> bool:
+        """One encode + decode on a test canvas (a ramp): one-time allocations happen now, not at the
+        first click. Returns whether every output was finite (an adapter that overflows is refused)."""
+        ramp = torch.arange(256, dtype=torch.uint8)
+        canvas = (
+            (ramp[:, None] // 2 + ramp[None, :] // 2)[None, :, :, None].expand(1, 256, 256, 3).contiguous()
+        )
         with torch.inference_mode():
             emb = sam_forward.encode(sam, sam_forward.canvas_to_input(sam, canvas))
-            sam_forward.decode_many(
+            low, iou = sam_forward.decode_many(
                 sam, emb, points=torch.tensor([[[128.0, 128.0]]]), point_labels=torch.tensor([[1]])
             )
+        return bool(torch.isfinite(emb).all() and torch.isfinite(low).all() and torch.isfinite(iou).all())
 
     def _base_predictor(self) -> VolumePredictor:
         return self._make_predictor(self._base, BASE_VERSION)
@@ -135,45 +140,67 @@ class ServedModel:
         )
 
     def _load_version(self, version: str) -> VolumePredictor:
-        """A new model object: the base copied, adapter ``version`` loaded (checked) and merged."""
+        """A new model object: the base copied, adapter ``version`` loaded (checked) and merged.
+
+        Raises:
+            UserInputError: unknown version; an adapter file that is damaged (wrong metadata types,
+                NaN weights...), made for another base model, or whose outputs are not finite.
+        """
         path = self.store.path_of(version)
         sam = copy.deepcopy(self._base)
-        meta = lora.load_adapter(sam, path, base_info=self.base_info)
-        lora.merge_lora(sam)
+        try:
+            meta = lora.load_adapter(sam, path, base_info=self.base_info)
+            lora.merge_lora(sam)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # UserInputError is a ValueError
+            if isinstance(exc, UserInputError):
+                raise
+            raise UserInputError(f"adapter {version} cannot be loaded ({library_detail(exc)})") from None
         sam.eval()
+        if not self._warm_up(sam):
+            raise UserInputError(f"adapter {version} gives NaN or infinite outputs; it is refused")
         logger.info(
             f"sam_medical: adapter {version} loaded (rank {meta['rank']}, val_dice {meta.get('val_dice')})"
         )
         return self._make_predictor(sam, version)
 
     def _follow_current(self) -> None:
-        """Swap in the version ``current.json`` names, if it changed since the last look."""
+        """Swap in the version ``current.json`` names, if it changed since the last look.
+
+        A ``current.json`` that cannot be used (unparsable, empty, not an object, a malformed version)
+        or a version that cannot be served leaves the previous version serving; ``adapter_error`` (in
+        ``/info/``) says why until ``current.json`` changes again.
+        """
         sig = self.store.signature()
         if sig == self._signature and self._current is not None:
             return
         with self._lock:
             if sig == self._signature and self._current is not None:
                 return
+            old = self._current
+            serving = old.model_version if old is not None else BASE_VERSION
+            error = None
             try:
                 current = self.store.current() or {}
+                version = current.get("version") or BASE_VERSION
+                if version != BASE_VERSION:
+                    check_version_id(version)
             except UserInputError as exc:
-                self.adapter_error = str(exc)
-                current = {"version": self._current.model_version if self._current else None}
-            version = current.get("version") or BASE_VERSION
-            old = self._current
+                error = f"{exc}; still serving {serving}"
+                current, version = {"version": None if serving == BASE_VERSION else serving}, serving
             if old is None or old.model_version != version:
                 try:
                     new = self._base_predictor() if version == BASE_VERSION else self._load_version(version)
-                    self.adapter_error = None
                 except UserInputError as exc:
-                    logger.error(f"sam_medical: adapter {version} could not be served: {exc}")
-                    self.adapter_error = f"adapter {version} could not be served: {exc}"
+                    error = f"adapter {version} could not be served: {exc}; still serving {serving}"
                     new = old if old is not None else self._base_predictor()
                 self._current = new
                 if old is not None and old is not new:
                     old.close()
                     if old.model_version not in self._extra:
                         self.cache.discard_version(old.model_version)
+            if error:
+                logger.error(f"sam_medical: {error}")
+            self.adapter_error = error
             self._current_meta = current
             self._signature = sig
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
+from typing import Any
 
 from ..model_registry import DEFAULT_MODEL, MODEL_NAMES
 
@@ -76,12 +78,12 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
     from ..errors import UserInputError
-    from ..evaluation import EvalConfig, ModelSpec, PromptSettings, evaluate
+    from ..evaluation import ModelSpec, PromptSettings
     from ..models import check_image_size, check_model_name
+    from ..outdir import prepare_output_dir, remove_created
     from ..preprocess import parse_label_list
 
     check_model_name(args.model)
@@ -116,8 +118,22 @@ def run(args: argparse.Namespace) -> int:
         )
 
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserInputError(f"--out {out} is a file, not a folder")
+    created = prepare_output_dir(out)
+    try:
+        return _evaluate(args, out, prompt, labels, model, baseline)
+    except UserInputError:
+        remove_created(created)  # a refused evaluation leaves no empty output folder behind
+        raise
+
+
+def _evaluate(
+    args: argparse.Namespace, out: Path, prompt: Any, labels: Any, model: Any, baseline: Any
+) -> int:
+    """Preprocess ``--dataset`` if given, evaluate, print the summary; ``out`` exists and is writable."""
+    import json
+
+    from ..evaluation import EvalConfig, evaluate
+
     extra: dict = {}
     if args.dataset:
         data, extra["data"] = _preprocess_dataset(args, out)

@@ -97,6 +97,14 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet and sys.stderr.isatty(),
         extra=extra,
     )
+    if not manifest["cases"]:  # nothing was written: one line says why
+        first = manifest["failed"][0]
+        if len(cases) == 1:
+            raise UserInputError(first["error"])
+        raise UserInputError(
+            f"none of the {len(cases)} cases could be preprocessed (nothing written); "
+            f"e.g. {first['case']}: {first['error']}"
+        )
     totals = manifest["totals"]
     for case in manifest["cases"]:
         print(
@@ -107,8 +115,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"FAILED {bad['case']}: {bad['error']}", file=sys.stderr)
     print(json.dumps({"out": str(args.out), **totals}))
     if manifest["failed"]:
-        if len(cases) == 1:
-            raise UserInputError(manifest["failed"][0]["error"])
         print(
             f"error: {len(manifest['failed'])} of {len(cases)} cases failed (listed above and in manifest.json)",
             file=sys.stderr,

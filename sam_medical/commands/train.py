@@ -37,7 +37,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("data and output")
     g.add_argument("--data", required=True, help="folder of .npz slice files (from `sam-medical preprocess`)")
-    g.add_argument("--out", required=True, help="run folder (created)")
+    g.add_argument(
+        "--out", required=True, help="run folder (created; one run per folder: see --resume, --overwrite)"
+    )
     g.add_argument("--labels", type=_int_list, default=None, help="label values to train on (default: all)")
     g.add_argument(
         "--val-fraction",
@@ -89,7 +91,10 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     g = p.add_argument_group("running")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
     g.add_argument("--workers", type=int, default=0, help="data loader worker processes")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out (from OUT/last.pt)")
+    g.add_argument(
+        "--overwrite", action="store_true", help="start again in an --out that holds an earlier run (deleted)"
+    )
     g.add_argument("--log-every", type=int, default=0, help="also log every N steps to log.jsonl")
     g.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     return p
@@ -126,6 +131,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         grad_accum=args.grad_accum,
         device=args.device,
         resume=args.resume,
+        overwrite=args.overwrite,
         workers=args.workers,
         adapter_init=args.adapter_init,
         cache_dir=args.cache_dir,

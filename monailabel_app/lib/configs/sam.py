@@ -16,11 +16,13 @@
 | ``torch_threads`` | ``0`` | torch intra-op threads of the serving thread (0: half the CPU cores); background encodes use 1 |
 | ``multimask`` | ``false`` | ``auto``: for a single click, best of SAM's three masks |
 | ``labels`` | ``object`` | comma-separated label names shown in Slicer |
+| ``max_points`` | ``64`` | most foreground + background points accepted in one request (1..10000) |
 | ``epochs``, ``learning_rate``, ``lora_rank``, ``prompt``, ``max_steps``, ``batch_size`` | 5, 1e-4, 4, both, 0, 4 | training defaults (a train request may override them) |
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,8 +47,8 @@ def as_bool(value: Any, name: str) -> bool:
     raise UserInputError(f"{name} must be true or false, got {value!r}")
 
 
-def as_int(value: Any, name: str, minimum: int | None = None) -> int:
-    """``value`` (an int, or a string/float holding a whole number) as an int ``>= minimum``."""
+def as_int(value: Any, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
+    """``value`` (an int, or a string/float holding a whole number) as an int in ``[minimum, maximum]``."""
     if isinstance(value, bool):
         raise UserInputError(f"{name} must be an integer, got {value!r}")
     try:
@@ -58,16 +60,19 @@ def as_int(value: Any, name: str, minimum: int | None = None) -> int:
         raise UserInputError(f"{name} must be an integer, got {value!r}") from None
     if minimum is not None and out < minimum:
         raise UserInputError(f"{name} must be >= {minimum}, got {out}")
+    if maximum is not None and out > maximum:
+        raise UserInputError(f"{name} must be <= {maximum}, got {out}")
     return out
 
 
 def as_float(value: Any, name: str, positive: bool = False) -> float:
+    """``value`` as a finite float (``positive``: also > 0)."""
     try:
         out = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise UserInputError(f"{name} must be a number, got {value!r}") from None
-    if out != out or (positive and out <= 0):
-        raise UserInputError(f"{name} must be a positive number, got {value!r}")
+    if not math.isfinite(out) or (positive and out <= 0):
+        raise UserInputError(f"{name} must be a {'positive' if positive else 'finite'} number, got {value!r}")
     return out
 
 
@@ -90,6 +95,7 @@ class SamAppConfig:
     torch_threads: int = 0
     multimask: str = "false"
     labels: tuple[str, ...] = ("object",)
+    max_points: int = 64
     epochs: int = 5
     learning_rate: float = 1e-4
     lora_rank: int = 4
@@ -164,6 +170,7 @@ class SamAppConfig:
             torch_threads=as_int(c.get("torch_threads", 0), "--conf torch_threads", 0),
             multimask=multimask,
             labels=labels,
+            max_points=as_int(c.get("max_points", 64), "--conf max_points", 1, maximum=10_000),
             epochs=as_int(c.get("epochs", 5), "--conf epochs", 1),
             learning_rate=as_float(c.get("learning_rate", 1e-4), "--conf learning_rate", positive=True),
             lora_rank=as_int(c.get("lora_rank", 4), "--conf lora_rank", 1),

@@ -53,6 +53,8 @@ class Sam3D(SamInferTask):
             min_iou = float(request.get("min_iou", 0.0) or 0.0)
         except (TypeError, ValueError):
             raise UserInputError(f"min_iou must be a number, got {request.get('min_iou')!r}") from None
+        if not -1.0 <= min_iou <= 1.0:  # also refuses NaN
+            raise UserInputError(f"min_iou must be a number in [-1, 1], got {request.get('min_iou')!r}")
         options = PropagationOptions(max_slices=max_slices or None, min_iou=min_iou)
         out, info = propagate(predictor, image_key, volume, k, fg, bg, box, options=options)
         extra = {

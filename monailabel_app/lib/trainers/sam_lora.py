@@ -49,11 +49,11 @@ from sam_medical.errors import UserInputError
 from sam_medical.model_store import ModelStore
 from sam_medical.predictor import window_options
 
-from ..configs.sam import SamAppConfig, as_bool, as_float, as_int, build_base_model
+from ..configs.sam import SamAppConfig, build_base_model
+from .options import PUBLISH_POLICIES, train_options
 
 logger = logging.getLogger(__name__)
 
-PUBLISH_POLICIES = ("if_better", "always")
 #: Scheduling niceness of the training subprocess (the server's clicks run at normal priority).
 TRAIN_NICENESS = 10
 #: Run folders kept in ``<app>/model/train`` (log, summary, last state; the slice files are deleted).
@@ -72,11 +72,6 @@ def _pid_alive(pid: Any) -> bool:
     return True
 
 
-def _first(value: Any) -> Any:
-    """Slicer sends the first element of list-valued options; a JSON client may send the list."""
-    return value[0] if isinstance(value, list) and value else value
-
-
 class SamLoraTrain(TrainTask):
     """See the module docstring."""
 
@@ -86,6 +81,7 @@ class SamLoraTrain(TrainTask):
             "adapter version that the infer tasks serve at their next request"
         )
         self.app_config = config
+        train_options({}, config)  # the --conf training defaults must be a valid request themselves
         self.train_dir = config.model_dir / "train"
         self.status_file = self.train_dir / "status.json"
         self.store = ModelStore(config.model_dir / "adapters")
@@ -111,11 +107,16 @@ class SamLoraTrain(TrainTask):
             status = json.loads(self.status_file.read_text())
         except (OSError, ValueError):
             return {}
+        if not isinstance(status, dict):
+            return {}
         if status.get("status") == "RUNNING" and not _pid_alive(status.get("pid")):
             status["status"] = "STOPPED"
             status["reason"] = "the training process ended without finishing (stopped or killed)"
         status["versions"] = [v["version"] for v in self.store.list_versions()]
-        current = self.store.current() if self.store.current_file.exists() else None
+        try:
+            current = self.store.current()
+        except UserInputError as exc:  # a damaged current.json: the served model reports it too
+            current, status["current_error"] = None, str(exc)
         status["current_version"] = current.get("version") if current else None
         return status
 
@@ -123,30 +124,13 @@ class SamLoraTrain(TrainTask):
         write_json_atomic(self.status_file, status)
 
     # -- the run (in the training subprocess) ----------------------------------------------------
-    def _options(self, request: dict[str, Any]) -> dict[str, Any]:
-        c = self.app_config
-        get = lambda key, default: _first(request.get(key, default))  # noqa: E731
-        publish = str(get("publish", "if_better"))
-        if publish not in PUBLISH_POLICIES:
-            raise UserInputError(f"publish must be one of {', '.join(PUBLISH_POLICIES)}, got {publish!r}")
-        prompt = str(get("prompt", c.prompt))
-        if prompt not in ("box", "points", "both"):
-            raise UserInputError(f"prompt must be box, points or both, got {prompt!r}")
-        val_fraction = as_float(get("val_fraction", 0.2), "val_fraction")
-        if not 0.0 <= val_fraction < 1.0:
-            raise UserInputError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        return {
-            "epochs": as_int(get("epochs", c.epochs), "epochs", 1),
-            "lr": as_float(get("learning_rate", c.learning_rate), "learning_rate", positive=True),
-            "lora_rank": as_int(get("lora_rank", c.lora_rank), "lora_rank", 1),
-            "prompt": prompt,
-            "max_steps": as_int(get("max_steps", c.max_steps), "max_steps", 0) or None,
-            "batch_size": as_int(get("batch_size", c.batch_size), "batch_size", 1),
-            "train_decoder": as_bool(get("train_decoder", False), "train_decoder"),
-            "val_fraction": val_fraction,
-            "val_max_items": as_int(get("val_max_items", 200), "val_max_items", 0) or None,
-            "publish": publish,
-        }
+    def check_request(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The run's options (:func:`.options.train_options`); the server calls it before accepting a run.
+
+        Raises:
+            UserInputError: an option of the wrong type or out of bounds.
+        """
+        return train_options(request, self.app_config)
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         start = time.time()
@@ -205,7 +189,7 @@ class SamLoraTrain(TrainTask):
         from sam_medical.volume import image_stem
 
         c = self.app_config
-        opts = self._options(request)
+        opts = self.check_request(request)
         status.update({"options": opts, "total_epochs": opts["epochs"], "run_dir": str(work)})
 
         # 1. data: the final labels, preprocessed as the CLI does, with the served window
@@ -234,13 +218,7 @@ class SamLoraTrain(TrainTask):
             status["note"] = "only one labelled volume: validation runs on the training volume"
 
         # 2. train, starting from the served adapter when it fits
-        current = self.store.current() or {}
-        init = current.get("path") if current.get("version") else None
-        if init:
-            from sam_medical.lora import read_adapter_meta
-
-            if int(read_adapter_meta(init)["rank"]) != opts["lora_rank"]:
-                init = None
+        init, current = self._starting_adapter(opts["lora_rank"], status)
         status.update({"stage": "training", "started_from": current.get("version") if init else "base"})
         self._write_status(status)
         last_write = [0.0]
@@ -309,6 +287,24 @@ class SamLoraTrain(TrainTask):
         version = self.store.publish(adapter, {**metrics, "check": check})
         logger.info(f"sam_lora: published adapter version {version} ({metrics})")
         return {"published": True, "version": version, "best_metric": summary.get("best_val_dice") or 0.0}
+
+    def _starting_adapter(self, rank: int, status: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+        """``(adapter path or None, current.json)``: the served adapter when it can be trained on.
+
+        A served adapter of another rank, or one that cannot be read (a damaged ``current.json`` or
+        adapter file, which the server refuses to serve too), means starting from the base model.
+        """
+        from sam_medical.lora import read_adapter_meta
+
+        try:
+            current = self.store.current() or {}
+            init = self.store.path_of(current["version"]) if current.get("version") else None
+            if init is not None and read_adapter_meta(init)["rank"] != rank:
+                init = None
+        except UserInputError as exc:
+            status["note"] = f"starting from the base model: the served adapter cannot be used ({exc})"
+            return None, {}
+        return (str(init) if init else None), current
 
     def _check_adapter(self, adapter: str, work: Path) -> dict[str, Any]:
         """Load the adapter into a freshly built served base model and run one slice through it."""
