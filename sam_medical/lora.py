@@ -334,15 +334,20 @@ def save_adapter(
 ) -> dict[str, Any]:
     """Write the LoRA weights (and the mask decoder if ``train_decoder``) to ``path`` atomically.
 
-    ``rank``/``alpha``/``blocks``/``image_size`` must be those of the model (checked). ``extra`` is added
-    to the metadata (plain values only; it may not replace the keys set here). Returns the metadata.
+    ``rank``/``alpha``/``blocks``/``image_size`` must be those of the model (checked). ``rank`` 0 (no
+    LoRA injected, ``blocks`` empty) saves a decoder-only adapter, which needs ``train_decoder``.
+    ``extra`` is added to the metadata (plain values only; it may not replace the keys set here).
+    Returns the metadata.
     """
     cfg = lora_config(sam)
-    if cfg is None:
-        raise ValueError("save_adapter: the model has no LoRA injected")
-    alpha = float(rank if alpha is None else alpha)
+    alpha = float(rank if alpha is None else alpha) if rank else 1.0
     given = {"rank": int(rank), "alpha": alpha, "blocks": sorted(int(b) for b in blocks)}
-    if given != {"rank": cfg["rank"], "alpha": cfg["alpha"], "blocks": cfg["blocks"]}:
+    if cfg is None:
+        if given["rank"] != 0 or given["blocks"]:
+            raise ValueError("save_adapter: the model has no LoRA injected")
+        if not train_decoder:
+            raise ValueError("save_adapter: an adapter without LoRA must hold the mask decoder")
+    elif given != {"rank": cfg["rank"], "alpha": cfg["alpha"], "blocks": cfg["blocks"]}:
         raise ValueError(f"save_adapter: arguments {given} do not match the injected LoRA {cfg}")
     size = int(sam.image_encoder.img_size)
     if int(image_size) != size:
@@ -407,6 +412,8 @@ def _read_adapter(path: str | os.PathLike) -> dict[str, Any]:
     _check_adapter_meta(meta, path)
     _check_finite(lora, path, "LoRA weights")
     decoder = obj.get("decoder")
+    if meta["rank"] == 0 and decoder is None:
+        raise UserInputError(f"adapter {path} has neither LoRA weights nor a mask decoder")
     if decoder is not None:
         if not isinstance(decoder, dict) or not all(isinstance(v, torch.Tensor) for v in decoder.values()):
             raise UserInputError(f"adapter {path} is corrupt: its mask decoder entries are not all tensors")
@@ -423,16 +430,20 @@ def _check_adapter_meta(meta: dict[str, Any], path: Path) -> None:
     problems = []
     if not isinstance(meta["model"], str) or not meta["model"]:
         problems.append(f"model {meta['model']!r} is not a model name")
-    if not _is_int(meta["rank"]) or meta["rank"] < 1:
-        problems.append(f"rank {meta['rank']!r} is not a positive integer")
+    if not _is_int(meta["rank"]) or meta["rank"] < 0:
+        problems.append(f"rank {meta['rank']!r} is not a whole number >= 0")
     alpha = meta["alpha"]
     if not (
         isinstance(alpha, int | float) and not isinstance(alpha, bool) and math.isfinite(alpha) and alpha > 0
     ):
         problems.append(f"alpha {alpha!r} is not a positive number")
     blocks = meta["blocks"]
-    if not isinstance(blocks, list) or not blocks or not all(_is_int(b) and b >= 0 for b in blocks):
-        problems.append(f"blocks {blocks!r} is not a list of block indices")
+    no_lora = meta["rank"] == 0
+    if not isinstance(blocks, list) or bool(blocks) == no_lora or not all(_is_int(b) and b >= 0 for b in blocks):
+        problems.append(
+            f"blocks {blocks!r} is not "
+            + ("empty, as an adapter of rank 0 has no LoRA" if no_lora else "a list of block indices")
+        )
     if not _is_int(meta["image_size"]) or meta["image_size"] < 1:
         problems.append(f"image_size {meta['image_size']!r} is not a positive integer")
     if "train_decoder" in meta and not isinstance(meta["train_decoder"], bool):
@@ -499,7 +510,8 @@ def load_adapter(
     """Load the adapter at ``path`` into ``sam``; return its metadata.
 
     Injects LoRA with the file's rank/alpha/blocks if the model has none (``inject=True``). When LoRA is
-    already there, rank and blocks must match (alpha is taken from the file). Merged adapters are
+    already there, rank and blocks must match (alpha is taken from the file). A rank-0 adapter holds a
+    mask decoder only and leaves the encoder as it is. Merged adapters are
     unmerged, replaced, and merged again. The mask decoder is replaced when the file holds one, and
     restored to the base model's decoder when it does not (so adapters can be swapped in turn).
 
@@ -520,7 +532,10 @@ def load_adapter(
 
     rank, alpha, blocks = int(meta["rank"]), float(meta["alpha"]), sorted(int(b) for b in meta["blocks"])
     cfg = lora_config(sam)
-    if cfg is None:
+    if rank == 0:  # a decoder-only adapter: the encoder stays as it is
+        if cfg is not None:
+            raise UserInputError(f"{source} has no LoRA, but the model has LoRA of rank {cfg['rank']}")
+    elif cfg is None:
         if not inject:
             raise UserInputError(f"{source}: the model has no LoRA injected")
         inject_lora(sam, rank=rank, alpha=alpha, blocks=blocks, seed=0)  # A is overwritten below

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -152,3 +153,22 @@ def tinyvit_lora_targets(sam: Sam) -> list[LoRATarget]:
             v_rows = [h * per_head + 2 * kd + r for h in range(heads) for r in range(d)]
             targets.append(LoRATarget(attn, q_rows, v_rows))
     return targets
+
+
+def tinyvit_split(sam: Sam) -> tuple[Callable, Callable, list]:
+    """``(stem, trunk, stem_modules)`` of TinyViT: the stem is the patch embedding and the convolutional
+    stage 1 (no attention, so no LoRA): ``(B, 3, 256, 256) -> (B, 16384, 128)``; the trunk is stages 2-4
+    and the neck: ``(B, 16384, 128) -> (B, 256, 64, 64)``, exactly as ``TinyViT.forward_features``."""
+    enc = sam.image_encoder
+
+    def stem(x):
+        return enc.layers[0](enc.patch_embed(x))
+
+    def trunk(x):
+        for layer in enc.layers[1:]:
+            x = layer(x)
+        b, n, c = x.shape
+        side = int(round(n**0.5))
+        return enc.neck(x.view(b, side, side, c).permute(0, 3, 1, 2))
+
+    return stem, trunk, [enc.patch_embed, enc.layers[0]]

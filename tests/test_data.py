@@ -86,7 +86,7 @@ def test_index_one_item_per_slice_and_label(npz_dir: Path):
 
 
 def test_train_prompts_fit_target_and_collate(npz_dir: Path):
-    sampler = TrainPromptSampler("both", box_jitter=5, num_points=2, num_bg_points=1)
+    sampler = TrainPromptSampler("mixed", box_jitter=5, num_points=2, num_bg_points=1)
     ds = NpzSliceDataset(npz_dir, prompt_sampler=sampler, seed=0)
     batch = next(iter(DataLoader(ds, batch_size=4, sampler=CaseGroupedSampler(ds, seed=0))))
     assert batch["image"].shape == (4, 256, 256, 3)
@@ -110,7 +110,7 @@ def test_train_prompts_fit_target_and_collate(npz_dir: Path):
 
 def test_validation_prompts_are_deterministic(npz_dir: Path):
     ds = NpzSliceDataset(
-        npz_dir, prompt_sampler=TrainPromptSampler("points", num_points=3), deterministic_seed=5
+        npz_dir, prompt_sampler=TrainPromptSampler("point", num_points=3), deterministic_seed=5
     )
     for i in range(len(ds)):
         x, y = ds[i], ds[i]

@@ -296,7 +296,7 @@ def test_training_leaves_the_base_weights_bit_identical(tmp_path):
         batch_size=1,
         val_max_items=1,
         val_fraction=0.5,
-        prompt="both",
+        prompt="mixed",
         train_decoder=True,
         lr=1e-3,
     )

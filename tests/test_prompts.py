@@ -93,7 +93,7 @@ def test_sampler_modes_shapes_and_drop():
     p = s(m, rng)
     assert p["has_box"] and p["points"].shape == (3, 2) and np.all(p["point_labels"] == -1)
 
-    s = TrainPromptSampler("points", num_points=3, num_bg_points=2)
+    s = TrainPromptSampler("point", num_points=3, num_bg_points=2)
     counts = set()
     for _ in range(100):
         p = s(m, rng)
@@ -108,7 +108,7 @@ def test_sampler_modes_shapes_and_drop():
         counts.add((n_fg, n_bg))
     assert len(counts) == 9
 
-    s = TrainPromptSampler("both", num_points=1, drop_prob=0.5)
+    s = TrainPromptSampler("mixed", num_points=1, drop_prob=0.5)
     kinds = {"box": 0, "points": 0, "both": 0}
     for _ in range(600):
         p = s(m, rng)
@@ -118,7 +118,7 @@ def test_sampler_modes_shapes_and_drop():
     # expected 150 / 150 / 300
     assert 100 < kinds["box"] < 200 and 100 < kinds["points"] < 200 and 240 < kinds["both"] < 360
 
-    s = TrainPromptSampler("both", drop_prob=0.0)
+    s = TrainPromptSampler("mixed", drop_prob=0.0)
     p = s(m, rng)
     assert p["has_box"] and (p["point_labels"] == 1).any()
     with pytest.raises(ValueError):
@@ -127,7 +127,7 @@ def test_sampler_modes_shapes_and_drop():
 
 def test_sampler_is_deterministic_for_a_seed():
     m = _disc(80, 150, 15)
-    s = TrainPromptSampler("both", num_points=3, num_bg_points=1)
+    s = TrainPromptSampler("mixed", num_points=3, num_bg_points=1)
     a = [s(m, np.random.default_rng(7)) for _ in range(3)]
     b = [s(m, np.random.default_rng(7)) for _ in range(3)]
     for x, y in zip(a, b, strict=True):
@@ -176,3 +176,21 @@ def test_eval_points_and_prompt_deterministic():
     assert np.abs(both["box"] - tight_box(m)).max() <= 5
     with pytest.raises(ValueError):
         eval_prompt(m, "scribble")
+
+
+def test_one_prompt_vocabulary_and_old_names_are_explained():
+    from sam_medical.errors import UserInputError
+    from sam_medical.prompts import PROMPT_KINDS, PROMPT_MODES, check_prompt_mode
+
+    assert PROMPT_KINDS == ("box", "point", "box+point") and PROMPT_MODES == (*PROMPT_KINDS, "mixed")
+    for mode in PROMPT_MODES:
+        assert check_prompt_mode(mode) == mode
+    with pytest.raises(UserInputError, match="'both' is now called 'mixed'"):
+        check_prompt_mode("both")
+    with pytest.raises(UserInputError, match="'points' is now called 'point'"):
+        check_prompt_mode("points", "--conf prompt")
+    s = TrainPromptSampler("box+point", num_points=2)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        p = s(np.pad(np.ones((8, 8), bool), 20), rng)
+        assert p["has_box"] and (p["point_labels"] == 1).any()

@@ -229,6 +229,8 @@ def test_ddp_two_processes_end_with_identical_adapters(data_dir: Path, tmp_path:
 
 
 def _cli(args: list[str], capsys) -> tuple[int, str]:
+    if "--model" not in args:  # these runs are about the CLI, on the small random model
+        args = ["--model", "tiny", *args]
     code = cli_main(["train", *args, "--quiet"])
     err = capsys.readouterr().err.strip()
     return code, err
@@ -302,8 +304,8 @@ def test_cli_runs_one_case_without_validation_split(tmp_path: Path, capsys):
     one = tmp_path / "one"
     write_case(one / "only.npz", 2, seed=0)
     out = tmp_path / "run"
-    code = cli_main(["train", "--data", str(one), "--out", str(out), "--random-weights", "--val-fraction", "0",
-                     "--max-steps", "1", "--quiet"])  # fmt: skip
+    code = cli_main(["train", "--data", str(one), "--out", str(out), "--model", "tiny", "--random-weights",
+                     "--val-fraction", "0", "--max-steps", "1", "--quiet"])  # fmt: skip
     assert code == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     summary = json.loads((out / "summary.json").read_text())
@@ -312,8 +314,8 @@ def test_cli_runs_one_case_without_validation_split(tmp_path: Path, capsys):
         summary["val_on_train"] is True and summary["val_cases"] == [] and summary["train_cases"] == ["only"]
     )
     # a resumed run with a different LoRA rank is refused
-    code = cli_main(["train", "--data", str(one), "--out", str(out), "--random-weights", "--val-fraction", "0",
-                     "--resume", "--lora-rank", "8", "--quiet"])  # fmt: skip
+    code = cli_main(["train", "--data", str(one), "--out", str(out), "--model", "tiny", "--random-weights",
+                     "--val-fraction", "0", "--resume", "--lora-rank", "8", "--quiet"])  # fmt: skip
     assert code == 2 and "rank" in capsys.readouterr().err
 
 

@@ -31,6 +31,7 @@ from typing import Any
 from sam_medical.errors import UserInputError
 from sam_medical.model_registry import DEFAULT_MODEL, MODEL_NAMES, check_image_size
 from sam_medical.predictor import window_options
+from sam_medical.prompts import check_prompt_mode
 
 TRUE = ("1", "true", "yes", "on")
 FALSE = ("0", "false", "no", "off")
@@ -99,7 +100,7 @@ class SamAppConfig:
     epochs: int = 5
     learning_rate: float = 1e-4
     lora_rank: int = 4
-    prompt: str = "both"
+    prompt: str = "mixed"
     max_steps: int = 0
     batch_size: int = 4
 
@@ -151,9 +152,7 @@ class SamAppConfig:
         labels = tuple(s.strip() for s in str(c.get("labels", "object")).split(",") if s.strip()) or (
             "object",
         )
-        prompt = str(c.get("prompt", "both")).strip()
-        if prompt not in ("box", "points", "both"):
-            raise UserInputError(f"--conf prompt must be box, points or both, got {prompt!r}")
+        prompt = check_prompt_mode(str(c.get("prompt", "mixed")).strip(), "--conf prompt")
         return cls(
             app_dir=str(Path(app_dir).resolve()),
             model=model,

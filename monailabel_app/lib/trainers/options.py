@@ -11,11 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 from sam_medical.errors import UserInputError
+from sam_medical.prompts import PROMPT_MODES, check_prompt_mode
 
 from ..configs.sam import SamAppConfig, as_bool, as_float, as_int
 
 PUBLISH_POLICIES = ("if_better", "always")
-PROMPTS = ("box", "points", "both")
+PROMPTS = PROMPT_MODES
 #: Inclusive bounds of the integer options.
 INT_BOUNDS: dict[str, tuple[int, int]] = {
     "epochs": (1, 1000),
@@ -56,8 +57,7 @@ def train_options(request: dict[str, Any], defaults: SamAppConfig) -> dict[str, 
     if publish not in PUBLISH_POLICIES:
         raise UserInputError(f"publish must be one of {', '.join(PUBLISH_POLICIES)}, got {publish!r}")
     prompt = get("prompt", defaults.prompt)
-    if prompt not in PROMPTS:
-        raise UserInputError(f"prompt must be one of {', '.join(PROMPTS)}, got {prompt!r}")
+    check_prompt_mode(str(prompt), "prompt")
     val_fraction = as_float(get("val_fraction", 0.2), "val_fraction")
     if not 0.0 <= val_fraction < 1.0:
         raise UserInputError(f"val_fraction must be in [0, 1), got {val_fraction}")

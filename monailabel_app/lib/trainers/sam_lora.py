@@ -48,6 +48,7 @@ from sam_medical.atomic import write_json_atomic
 from sam_medical.errors import UserInputError
 from sam_medical.model_store import ModelStore
 from sam_medical.predictor import window_options
+from sam_medical.prompts import PROMPT_MODES
 
 from ..configs.sam import SamAppConfig, build_base_model
 from .options import PUBLISH_POLICIES, train_options
@@ -92,7 +93,7 @@ class SamLoraTrain(TrainTask):
             "epochs": c.epochs,
             "learning_rate": c.learning_rate,
             "lora_rank": c.lora_rank,
-            "prompt": [c.prompt, *[p for p in ("both", "box", "points") if p != c.prompt]],
+            "prompt": [c.prompt, *[p for p in PROMPT_MODES if p != c.prompt]],
             "max_steps": c.max_steps,
             "batch_size": c.batch_size,
             "train_decoder": False,
