@@ -162,15 +162,18 @@ def decode_grouped(
     *,
     return_iou: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Decode a batch whose items carry different prompt kinds, each exactly as at inference time.
+    """Decode a batch whose items carry different prompts, each exactly as at inference time.
 
-    Items are grouped by (box given, clicks given); each group is decoded with ``boxes=None`` or
-    ``points=None`` where its prompt lacks that part (SAM then pads as it does for a user's prompt).
+    Items are grouped by (box given, number of real clicks); each group is decoded with its clicks cut to
+    their real number (no ``-1`` padding) and with ``boxes=None`` or ``points=None`` where its prompt lacks
+    that part, so SAM pads exactly as it does for a user's prompt. (Every extra ``-1`` "not a point" token
+    changes SAM's mask -- a model trained on padded prompts would be served unpadded ones.) The sampler
+    puts an item's real clicks first (:class:`~sam_medical.prompts.TrainPromptSampler`).
 
     Args:
         embeddings: ``(B, C, h, h)``.
-        points: ``(B, P, 2)`` canvas ``[x, y]``; ``point_labels (B, P)``, -1 padding; an item with only
-            padding has no clicks.
+        points: ``(B, P, 2)`` canvas ``[x, y]``; ``point_labels (B, P)``, -1 padding after the real clicks;
+            an item with only padding has no clicks.
         box: ``(B, 4)`` canvas ``[x0, y0, x1, y1]``; ``has_box (B,)`` bool.
 
     Returns:
@@ -181,20 +184,21 @@ def decode_grouped(
 
     device = embeddings.device
     has_box = has_box.to(device=device, dtype=torch.bool)
-    has_points = (point_labels >= 0).any(dim=1).to(device)
-    if not bool((has_box | has_points).all()):
+    n_points = (point_labels >= 0).sum(dim=1).to(device)
+    if not bool((has_box | (n_points > 0)).all()):
         raise ValueError("every item needs a box or at least one click")
     outs, ious, order = [], [], []
     for hb in (True, False):
-        for hp in (True, False):
-            idx = torch.nonzero((has_box == hb) & (has_points == hp)).flatten()
+        for n in sorted({int(v) for v in n_points.tolist()}):
+            idx = torch.nonzero((has_box == hb) & (n_points == n)).flatten()
             if idx.numel() == 0:
                 continue
+            pidx = idx.to(points.device)
             low, iou = decode(
                 sam,
                 embeddings[idx],
-                points=points[idx.to(points.device)] if hp else None,
-                point_labels=point_labels[idx.to(point_labels.device)] if hp else None,
+                points=points[pidx, :n] if n else None,
+                point_labels=point_labels[idx.to(point_labels.device), :n] if n else None,
                 boxes=box[idx.to(box.device)] if hb else None,
             )
             outs.append(low)

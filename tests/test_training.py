@@ -335,14 +335,17 @@ def test_decode_grouped_matches_item_by_item_decoding():
         out = decode_grouped(sam, emb, points, labels, box, has_box)
         assert out.shape == (4, 1, 64, 64)
         for i in range(4):
-            hp = bool((labels[i] >= 0).any())
+            n = int((labels[i] >= 0).sum())  # a user's prompt: the real clicks, no -1 padding
             ref, _ = decode(
                 sam,
                 emb[i : i + 1],
-                points=points[i : i + 1] if hp else None,
-                point_labels=labels[i : i + 1] if hp else None,
+                points=points[i : i + 1, :n] if n else None,
+                point_labels=labels[i : i + 1, :n] if n else None,
                 boxes=box[i : i + 1] if has_box[i] else None,
             )
             torch.testing.assert_close(out[i : i + 1], ref)
+        # why the padding is cut: an extra "not a point" token changes SAM's answer
+        padded, _ = decode(sam, emb[:1], points=points[:1], point_labels=labels[:1], boxes=box[:1])
+        assert not torch.allclose(padded, out[:1])
         with pytest.raises(ValueError, match="box or at least one click"):
             decode_grouped(sam, emb[:1], points[:1], labels[1:2], box[:1], torch.tensor([False]))
