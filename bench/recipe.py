@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from sam_medical import sam_forward as sf
-from sam_medical.data import case_name, list_npz
+from sam_medical.data import case_name, file_uid, list_npz
+from sam_medical.feature_cache import FeatureCache
 from sam_medical.lora import load_adapter, merge_lora
 from sam_medical.models import build_sam
 from sam_medical.prompts import corrective_click, interior_point, tight_box
@@ -105,18 +106,30 @@ def _mask(sam, emb, points=None, labels=None, box=None) -> np.ndarray:
     return (sf.logits_to_canvas(low.float())[0, 0] > 0).numpy()
 
 
-def score(sam, files: list[Path], kinds: tuple[str, ...], stride: int = 1) -> dict[str, list[float]]:
-    """Per-object Dice lists for ``kinds`` over every ``stride``-th labelled slice of ``files``."""
+def score(
+    sam, files: list[Path], kinds: tuple[str, ...], stride: int = 1, features: FeatureCache | None = None
+) -> dict[str, list[float]]:
+    """Per-object Dice lists for ``kinds`` over every ``stride``-th labelled slice of ``files``.
+
+    ``features``: the base encoder's embeddings (memory and disk, shared with training runs), for models
+    whose encoder is the base one.
+    """
     out: dict[str, list[float]] = {k: [] for k in kinds}
     for path in files:
         with np.load(path) as f:
             imgs, gts = f["imgs"], f["gts"]
             h, w = (int(v) for v in f["resized_shape"])
+            ks = f["slice_index"]
+        uid = file_uid(path)
         valid = np.zeros((256, 256), bool)
         valid[:h, :w] = True
         for r in range(0, len(imgs), stride):
             with torch.inference_mode():
-                emb = sf.encode(sam, sf.canvas_to_input(sam, torch.from_numpy(imgs[r])[None]))
+                canvas = torch.from_numpy(imgs[r])[None]
+                if features is not None:
+                    emb = features.embed(sam, canvas, [(uid, int(ks[r]))])
+                else:
+                    emb = sf.encode(sam, sf.canvas_to_input(sam, canvas))
                 for value in (v for v in np.unique(gts[r]) if v):
                     gt = gts[r] == value
                     box = tight_box(gt)
@@ -166,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", action="store_true", help="also score the zero-shot base model")
     ap.add_argument("--results", required=True, help="JSON lines file to append to")
     ap.add_argument("--work", default=None, help="where run folders go (default: a temporary folder)")
+    ap.add_argument("--features", default=None, help="feature cache folder shared by all runs")
     args = ap.parse_args(argv)
 
     files = {case_name(p): p for p in list_npz(args.cases)}
@@ -173,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     folds = folds_of(list(files), args.n_folds, args.train_cases, args.seed)
     work = Path(args.work or tempfile.mkdtemp(prefix="recipe_"))
     kinds = ("box", "box_fill", "click1", "click3", "box_click")
+    base_model, base_info = build_sam("medsam_lite")
+    base_model.requires_grad_(False)
+    # the base encoder's embeddings, shared with the training runs (same keys, same folder)
+    identity = f"medsam_lite|256|{base_info['weights_digest']}"
+    base_features = FeatureCache(base_model, 8 << 30, args.features, identity)
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)
 
@@ -185,10 +204,11 @@ def main(argv: list[str] | None = None) -> int:
         train_names, test_names = folds[fold]
         test_files = [files[n] for n in test_names]
         if args.baseline:
-            base, _ = build_sam("medsam_lite")
             t0 = time.perf_counter()
-            rec = summarize(score(base, test_files, kinds))
-            rec.update(summarize(score(base, unseen, ("box", "click1"), args.unseen_stride), "unseen_"))
+            rec = summarize(score(base_model, test_files, kinds, features=base_features))
+            rec.update(
+                summarize(score(base_model, unseen, ("box", "click1"), args.unseen_stride, base_features), "unseen_")
+            )
             emit({"bench": "recipe", "config": "zero_shot", "fold": fold, "test": test_names,
                   "eval_seconds": round(time.perf_counter() - t0, 1), **rec})
         for name in args.configs.split(","):
@@ -201,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                     os.symlink(files[n].resolve(), link)
             cfg = TrainConfig(
                 data=str(data_dir), out=str(run_dir), max_steps=args.max_steps, seed=args.seed, overwrite=True,
+                feature_cache_dir=args.features,
                 **{**SHARED, **CONFIGS[name], **parse_overrides(args.set)},
             )
             summary = train(cfg, progress=False)
@@ -209,8 +230,9 @@ def main(argv: list[str] | None = None) -> int:
             merge_lora(sam)
             sam.eval()
             t0 = time.perf_counter()
-            rec = summarize(score(sam, test_files, kinds))
-            rec.update(summarize(score(sam, unseen, ("box", "click1"), args.unseen_stride), "unseen_"))
+            shared = base_features if cfg.lora_rank == 0 else None  # the encoder is the base one
+            rec = summarize(score(sam, test_files, kinds, features=shared))
+            rec.update(summarize(score(sam, unseen, ("box", "click1"), args.unseen_stride, shared), "unseen_"))
             emit({
                 "bench": "recipe", "config": name + args.tag, "fold": fold, "train": train_names,
                 "test": test_names, "overrides": {**CONFIGS[name], **parse_overrides(args.set)},

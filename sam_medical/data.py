@@ -104,6 +104,16 @@ class _Case:
     name: str
     slice_index: np.ndarray  # (N,) int
     valid_hw: tuple[int, int]  # (h, w) on the canvas before padding
+    uid: str = ""  # identifies the file's content: path, size and modification time
+
+
+def file_uid(path: Path) -> str:
+    """A short id of a file's identity and version (real path, size, mtime): caches keyed by it miss when
+    the file is replaced."""
+    import hashlib
+
+    st = path.stat()
+    return hashlib.sha1(f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
 class NpzSliceDataset(Dataset):
@@ -128,7 +138,8 @@ class NpzSliceDataset(Dataset):
     * ``points (P, 2)`` float32 ``[x, y]`` canvas pixels, ``point_labels (P,)`` int64 (1/0, -1 padding),
       ``box (4,)`` float32 ``[x0, y0, x1, y1]``, ``has_box`` bool;
     * ``valid_hw``: ``(2,)`` int64, the canvas region ``[:h, :w]`` holding the image (the rest is padding);
-    * ``case`` str, ``slice_index`` int (``k`` in the source volume), ``label`` int, ``index`` int.
+    * ``case`` str, ``case_uid`` str (the file's identity, :func:`file_uid`), ``slice_index`` int (``k`` in
+      the source volume), ``label`` int, ``index`` int.
 
     Raises:
         UserInputError: no files, an unreadable file, or no labelled slice (for the chosen labels).
@@ -174,7 +185,9 @@ class NpzSliceDataset(Dataset):
                     if value == 0 or (self.label_values is not None and value not in self.label_values):
                         continue
                     index.append((case_idx, row, int(value)))
-            self.cases.append(_Case(path, case_name(path), slice_index, (int(valid[0]), int(valid[1]))))
+            self.cases.append(
+                _Case(path, case_name(path), slice_index, (int(valid[0]), int(valid[1])), file_uid(path))
+            )
             del gts, arrays
         if not index:
             what = f"label values {self.label_values}" if self.label_values is not None else "any label"
@@ -268,6 +281,7 @@ class NpzSliceDataset(Dataset):
             "has_box": bool(prompt["has_box"]),
             "valid_hw": torch.tensor(case.valid_hw, dtype=torch.int64),
             "case": case.name,
+            "case_uid": case.uid,
             "slice_index": int(case.slice_index[row]),
             "label": label,
             "index": int(i),

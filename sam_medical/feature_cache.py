@@ -11,22 +11,28 @@ Fine-tuning leaves most of the encoder frozen, and its training slices do not ch
   slice). The stem output is cached; the trunk runs with gradients;
 * **none**: no split is known (ViT SAM's stem is a patch embedding, not worth caching).
 
-Entries are keyed by ``(case, slice index)`` (what :class:`sam_medical.data.NpzSliceDataset` items
-carry), held on the CPU in a least-recently-used store bounded by bytes; a miss recomputes, so a data set
-larger than the budget still trains, only slower. Nothing here changes the numbers: the cached tensor is
-exactly what the frozen layers return for that slice.
+Entries are keyed by ``(case file uid, slice index)`` (what :class:`sam_medical.data.NpzSliceDataset`
+items carry), held on the CPU in a least-recently-used store bounded by bytes; a miss recomputes, so a data
+set larger than the budget still trains, only slower. With a ``disk_dir``, entries are also written there
+(atomically, one file per slice, in a folder named after ``identity``: the frozen layers' weights), so that
+later runs on the same slice files -- another fold, another recipe, a retraining in the app -- read them
+instead of encoding again. Nothing here changes the numbers: the cached tensor is exactly what the frozen
+layers return for that slice.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from . import sam_forward as sf
+from .atomic import atomic_path
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
@@ -58,9 +64,12 @@ def stem_split(
 
 
 class FeatureCache:
-    """See the module docstring. ``max_bytes`` bounds the cached tensors (0: cache nothing)."""
+    """See the module docstring. ``max_bytes`` bounds the cached tensors in memory (0: cache nothing);
+    ``disk_dir`` (optional) keeps them across runs, under ``identity`` (what the frozen layers are)."""
 
-    def __init__(self, sam: Sam, max_bytes: int) -> None:
+    def __init__(
+        self, sam: Sam, max_bytes: int, disk_dir: str | Path | None = None, identity: str = ""
+    ) -> None:
         self.max_bytes = int(max_bytes)
         self.split = None
         if not encoder_trains(sam):
@@ -73,6 +82,36 @@ class FeatureCache:
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+        self.disk_reads = 0
+        self.disk: Path | None = None
+        if disk_dir is not None and self.mode != MODE_NONE:
+            tag = hashlib.sha1(f"{self.mode}|{identity}".encode()).hexdigest()[:16]
+            self.disk = Path(disk_dir) / f"{self.mode}-{tag}"
+            self.disk.mkdir(parents=True, exist_ok=True)
+
+    def _disk_path(self, key: Hashable) -> Path | None:
+        if self.disk is None:
+            return None
+        return self.disk / (hashlib.sha1(repr(key).encode()).hexdigest()[:24] + ".pt")
+
+    def _read_disk(self, key: Hashable) -> torch.Tensor | None:
+        path = self._disk_path(key)
+        if path is None or not path.is_file():
+            return None
+        try:
+            value = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - a damaged cache file is recomputed, never trusted
+            return None
+        if not isinstance(value, torch.Tensor) or not bool(torch.isfinite(value).all()):
+            return None
+        self.disk_reads += 1
+        return value
+
+    def _write_disk(self, key: Hashable, value: torch.Tensor) -> None:
+        path = self._disk_path(key)
+        if path is not None and not path.exists():
+            with atomic_path(path) as tmp:
+                torch.save(value, tmp)
 
     def _get(self, key: Hashable) -> torch.Tensor | None:
         with self._lock:
@@ -102,6 +141,10 @@ class FeatureCache:
         """The frozen computation for a batch, from the cache where present: ``(B, ...)`` on the model's device."""
         device = sam.pixel_mean.device
         found = [self._get(k) for k in keys]
+        for i, f in enumerate(found):
+            if f is None and (value := self._read_disk(keys[i])) is not None:
+                found[i] = value
+                self._put(keys[i], value)
         missing = [i for i, f in enumerate(found) if f is None]
         if missing:
             with torch.no_grad():
@@ -111,6 +154,7 @@ class FeatureCache:
                 value = out[j].detach().to("cpu").contiguous()
                 found[i] = value
                 self._put(keys[i], value)
+                self._write_disk(keys[i], value)
         return torch.stack([f for f in found]).to(device, non_blocking=True)
 
     def embed(self, sam: Sam, images: torch.Tensor, keys: Sequence[Hashable] | None) -> torch.Tensor:
@@ -133,4 +177,6 @@ class FeatureCache:
                 "max_bytes": self.max_bytes,
                 "hits": self.hits,
                 "misses": self.misses,
+                "disk_reads": self.disk_reads,
+                "disk": str(self.disk) if self.disk else None,
             }

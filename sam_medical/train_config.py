@@ -102,6 +102,12 @@ class TrainConfig:
     feature_cache_mb: int = _opt(
         4096, "memory for the frozen encoder's cached outputs (embeddings or TinyViT's stem); 0: none", RUN
     )
+    feature_cache_dir: str | None = _opt(
+        None,
+        "also keep the frozen encoder's outputs in this folder, for later runs on the same slice files "
+        "(4-8 MB per slice)",
+        RUN,
+    )
     resume: bool = _opt(False, "continue the run in --out (from OUT/last.pt)", RUN)
     overwrite: bool = _opt(
         False, "start again in an --out that holds an earlier run (its files are deleted)", RUN

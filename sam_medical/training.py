@@ -243,9 +243,9 @@ class PromptedSam(nn.Module):
         return decode_grouped(self.sam, embeddings, points, point_labels, box, has_box)
 
 
-def batch_keys(batch: dict[str, Any], prefix: str = "") -> list[tuple[str, str, int]]:
-    """``(prefix, case, slice index)`` of each item of a collated batch: the feature cache's keys."""
-    return [(prefix, str(c), int(k)) for c, k in zip(batch["case"], batch["slice_index"].tolist(), strict=True)]
+def batch_keys(batch: dict[str, Any]) -> list[tuple[str, int]]:
+    """``(case file uid, slice index)`` of each item of a collated batch: the feature cache's keys."""
+    return [(str(c), int(k)) for c, k in zip(batch["case_uid"], batch["slice_index"].tolist(), strict=True)]
 
 
 @torch.no_grad()
@@ -285,7 +285,7 @@ def dice_sums(
             valid[b, :, :h, :w] = True
         with autocast:
             if features is not None:
-                emb = features.embed(sam, image, batch_keys(batch, "val"))
+                emb = features.embed(sam, image, batch_keys(batch))
             else:
                 emb = encode(sam, canvas_to_input(sam, image))
             for kind in kinds:
@@ -545,7 +545,9 @@ class Trainer:
 
         from .feature_cache import FeatureCache
 
-        self.features = FeatureCache(self.sam, cfg.feature_cache_mb << 20)
+        self.features = FeatureCache(
+            self.sam, cfg.feature_cache_mb << 20, cfg.feature_cache_dir, self._frozen_identity(init_meta)
+        )
         self._init_distributed()
         self.module: nn.Module = PromptedSam(self.sam, self.features)
         if self.dist.distributed:
@@ -625,6 +627,17 @@ class Trainer:
                 ]:
                     path.unlink(missing_ok=True)
         prepare_output_dir(out)
+
+    def _frozen_identity(self, init_meta: dict[str, Any] | None) -> str:
+        """What the frozen encoder layers are: the base weights, plus the starting adapter's LoRA when the
+        encoder is frozen whole (its cached embeddings then include that LoRA)."""
+        info = self.base_info
+        base = info.get("weights_digest") or f"random:{info['name']}:{info['seed']}"
+        if init_meta is not None and int(init_meta.get("rank") or 0) > 0:
+            from .checkpoints import sha256_file
+
+            base += f"|adapter:{sha256_file(self.config.adapter_init)}"
+        return f"{info['name']}|{info['image_size']}|{base}"
 
     # --- resumable state ------------------------------------------------------------------------
     def _identity(self) -> dict[str, Any]:
@@ -833,7 +846,7 @@ class Trainer:
             batch["point_labels"].to(dev),
             batch["box"].to(dev),
             batch["has_box"].to(dev),
-            batch_keys(batch, "train"),
+            batch_keys(batch),
         )
         no_sync = (
             self.module.no_sync() if self.dist.distributed and not sync else contextlib.nullcontext()  # type: ignore[operator]
