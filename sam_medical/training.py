@@ -972,7 +972,9 @@ class Trainer:
         summary["val_dice_gain"] = best_dice - initial if initial is not None else None
         summary["label_names"] = {str(v): n for v, n in by_value.items()}
         summary["val_dice_per_label"] = per_label(best, by_value) if best else {}
-        summary["initial_val_dice_per_label"] = per_label(start if start is not None else best or {}, by_value)
+        summary["initial_val_dice_per_label"] = per_label(
+            start if start is not None else best or {}, by_value
+        )
         summary["paired"] = paired
         if self.dist.is_main:
             write_json_atomic(self.summary_path, summary)
