@@ -38,7 +38,9 @@ logger = logging.getLogger(__name__)
 
 class MyApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
-        self.sam_config = SamAppConfig.from_conf(app_dir, conf)
+        self.sam_config = SamAppConfig.from_conf(app_dir, conf, studies)  # label names from the datastore
+        for note in self.sam_config.labels_notes:
+            logger.warning(f"label names: {note}")
         self.served = ServedModel(self.sam_config)  # built once, shared by sam_2d and sam_3d
         super().__init__(
             app_dir=app_dir,

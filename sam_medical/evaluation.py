@@ -36,12 +36,36 @@ Empty-slice policy (always written to ``summary.json``)
 Prompts are seeded per object from ``(seed, crc32(case), slice_index, label)``, so they do not depend on
 the order of evaluation, and the baseline of a comparison gets exactly the same prompts.
 
+The box-fill reference
+----------------------
+Every prompt with a box is also scored as a prediction itself: the prompt rectangle, filled, mapped back
+to the source slice like a hard mask (``box_fill_dice``; per label ``box_fill_slice_dice``, and the paired
+comparison ``vs_box_fill``). On compact objects a filled box already scores 0.7-0.9, so a box-prompted
+model that does not beat it adds nothing; the report and the command line say so.
+
+Corrective clicks (``PromptSettings.refine``)
+---------------------------------------------
+With ``refine = N``, each object gets N more clicks after its first prompt, as SAM-Med2D and nnInteractive
+report "N+1-click Dice": each click goes to the centre of the largest error region of the current
+prediction on the canvas (:func:`sam_medical.prompts.corrective_click`; foreground in a miss, background
+in a leak, inside the image region), and the object is decoded again with its first prompt and every click
+so far (no mask input). An exact prediction gets no further click. ``dice`` is the Dice after the last
+click; ``dice_steps`` the Dice after each step (the first prompt, then each click). The image is encoded
+once per slice for all steps (:meth:`InteractivePredictor.session`).
+
+Label names
+-----------
+The ``.npz`` files' label names (:mod:`sam_medical.label_names`) name the labels in the CSV
+(``label_name``), ``summary.json`` (``label_names``, ``per_label[v]["name"]``), the report and the command
+line; ``EvalConfig.labels`` may name labels instead of giving their values.
+
 Speed: each slice image is encoded once and all of its objects' prompts go through the mask decoder in
 one :func:`sam_medical.sam_forward.decode_many` call (in chunks of ``batch_prompts``). Cases are
 streamed one at a time; only per-object numbers and the current case's masks are held in memory.
 
 Testing: :func:`evaluate` takes any :class:`Predictor`, or a plain function ``fn(request) -> masks`` or
 ``-> (masks, pred_iou)`` (see :class:`FunctionPredictor`), so a fixed, known predictor gives exact numbers.
+A predictor without sessions is simply asked again, with the new prompts, at each corrective click.
 """
 
 from __future__ import annotations
@@ -63,17 +87,22 @@ import numpy as np
 from .atomic import atomic_path, write_json_atomic
 from .errors import UserInputError
 from .geometry import MODEL_SLICE_SIZE, SliceGeometry
+from .label_names import label_display, merge_value_names, npz_label_names, resolve_labels
 from .npz_io import load_npz
-from .prompts import EVAL_KINDS, eval_prompt
+from .prompts import EVAL_KINDS, corrective_click, eval_prompt
 
 #: |model dice - baseline dice| below this is a tie.
 TIE_TOLERANCE = 1e-3
+#: Most corrective clicks per object (``--refine``).
+MAX_REFINE = 20
 #: Columns of ``slices.csv`` (baseline columns are appended when comparing).
 CSV_COLUMNS = (
     "case",
     "slice_index",
     "label",
+    "label_name",
     "dice",
+    "box_fill_dice",
     "iou",
     "gt_area",
     "pred_area",
@@ -81,8 +110,19 @@ CSV_COLUMNS = (
     "prompt",
     "gt_present",
     "prompt_slice",
+    "clicks",
+    "dice_steps",
 )
-BASELINE_COLUMNS = ("baseline_dice", "baseline_iou", "baseline_pred_area", "baseline_pred_iou", "dice_diff")
+BASELINE_COLUMNS = (
+    "baseline_dice",
+    "baseline_iou",
+    "baseline_pred_area",
+    "baseline_pred_iou",
+    "dice_diff",
+    "same_as_baseline",
+)
+#: Text columns of ``slices.csv`` (the others are numbers).
+_TEXT_COLUMNS = ("case", "prompt", "label_name", "dice_steps")
 _META_KEYS = (
     "gts",
     "slice_index",
@@ -93,6 +133,8 @@ _META_KEYS = (
     "origin",
     "direction",
     "label_values",
+    "label_names",
+    "meta",
 )
 
 
@@ -103,12 +145,14 @@ _META_KEYS = (
 class PromptSettings:
     """How each object is prompted. ``kind``: ``box``, ``point`` or ``box+point``; ``points``: number of
     foreground clicks for point kinds; ``box_jitter``: 0 = tight box, else pixels at 256; ``seed``: base
-    seed of the per-object seeds (jitter and extra clicks)."""
+    seed of the per-object seeds (jitter and extra clicks); ``refine``: corrective clicks after the first
+    prompt (see the module docstring)."""
 
     kind: str = "box"
     points: int = 1
     box_jitter: int = 0
     seed: int = 0
+    refine: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in EVAL_KINDS:
@@ -119,6 +163,14 @@ class PromptSettings:
             raise UserInputError(f"--box-jitter must be >= 0, got {self.box_jitter}")
         if self.seed < 0:
             raise UserInputError(f"--seed must be >= 0, got {self.seed}")
+        if (
+            isinstance(self.refine, bool)
+            or not isinstance(self.refine, int)
+            or not 0 <= self.refine <= MAX_REFINE
+        ):
+            raise UserInputError(
+                f"--refine must be a whole number from 0 to {MAX_REFINE}, got {self.refine!r}"
+            )
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -126,6 +178,14 @@ class PromptSettings:
             "points": self.points if "point" in self.kind else None,
             "box_jitter": self.box_jitter if "box" in self.kind else None,
             "seed": self.seed,
+            "refine": self.refine,
+            "refine_rule": (
+                "after the first prompt, each click goes to the centre of the largest error region (foreground "
+                "in a miss, background in a leak; prompts.corrective_click on the canvas), decoded with the "
+                "first prompt and all clicks so far; no mask input"
+                if self.refine
+                else None
+            ),
             "coordinates": "256x256 canvas pixel indices (x = column j, y = row i)",
             "per_object_seed": "SeedSequence([seed, crc32(case), slice_index, label])",
             "point_rule": "first point: object pixel farthest from the boundary; others: seeded object pixels",
@@ -150,7 +210,7 @@ class EvalConfig:
 
     ``data``: a folder of ``.npz`` files, one file, or a list of files. ``out_dir``: where slices.csv,
     summary.json, report.html (and masks/) go. ``model`` / ``baseline``: what to build when no predictor
-    is passed to :func:`evaluate`. ``labels``: label values to score (``None``: all present).
+    is passed to :func:`evaluate`. ``labels``: label values or names to score (``None``: all present).
     """
 
     data: str | os.PathLike | Sequence[str | os.PathLike]
@@ -158,7 +218,7 @@ class EvalConfig:
     prompt: PromptSettings = field(default_factory=PromptSettings)
     model: ModelSpec | None = field(default_factory=ModelSpec)
     baseline: ModelSpec | None = None
-    labels: tuple[int, ...] | None = None
+    labels: tuple[int | str, ...] | None = None
     include_empty: bool = False
     save_masks: bool = False
     device: str = "auto"
@@ -190,13 +250,36 @@ class ObjectPrompt:
     point_labels: np.ndarray | None = None
 
     def describe(self) -> str:
-        """Compact text for the CSV, e.g. ``box=10,20,30,40;points=15,25``."""
+        """Compact text for the CSV, e.g. ``box=10,20,30,40;points=15,25 40,50;labels=1,0`` (the labels
+        only when a click is a background click)."""
         parts = []
         if self.box is not None:
             parts.append("box=" + ",".join(f"{v:g}" for v in np.asarray(self.box).tolist()))
         if self.points is not None:
             parts.append("points=" + " ".join(f"{x:g},{y:g}" for x, y in np.asarray(self.points).tolist()))
+            labels = np.asarray(self.point_labels).tolist() if self.point_labels is not None else []
+            if any(v != 1 for v in labels):
+                parts.append("labels=" + ",".join(str(int(v)) for v in labels))
         return ";".join(parts)
+
+    def with_click(self, x: int, y: int, label: int) -> ObjectPrompt:
+        """This prompt with one more click ``(x, y)`` of ``label`` (1 foreground, 0 background)."""
+        pts = np.zeros((0, 2), np.float32) if self.points is None else np.asarray(self.points, np.float32)
+        lab = np.zeros(0, np.int64) if self.point_labels is None else np.asarray(self.point_labels, np.int64)
+        return ObjectPrompt(
+            self.box,
+            np.concatenate([pts, np.array([[x, y]], np.float32)]),
+            np.concatenate([lab, np.array([label], np.int64)]),
+        )
+
+    def box_mask(self) -> np.ndarray | None:
+        """The prompt rectangle filled on the canvas, ``(256, 256)`` bool (inclusive pixel indices), or None."""
+        if self.box is None:
+            return None
+        x0, y0, x1, y1 = (int(round(float(v))) for v in np.asarray(self.box))
+        mask = np.zeros((MODEL_SLICE_SIZE, MODEL_SLICE_SIZE), bool)
+        mask[max(0, y0) : y1 + 1, max(0, x0) : x1 + 1] = True
+        return mask
 
 
 @dataclass(frozen=True)
@@ -239,6 +322,42 @@ class Predictor(Protocol):
     """Anything that predicts a batch of slices (each slice: one image, several prompts)."""
 
     def predict(self, requests: Sequence[SliceRequest]) -> list[SlicePrediction]: ...
+
+
+class SliceSession(Protocol):
+    """One slice image, prepared once (SAM: encoded), then predicted for any number of prompt sets: the
+    iterative path of corrective clicks."""
+
+    def predict(self, prompts: Sequence[ObjectPrompt], objects: Sequence[ObjectRef]) -> SlicePrediction:
+        """Predict ``prompts`` (one per object of ``objects``) on the session's image."""
+        ...
+
+
+@runtime_checkable
+class InteractivePredictor(Protocol):
+    """A :class:`Predictor` that can also open a :class:`SliceSession` on one image."""
+
+    def predict(self, requests: Sequence[SliceRequest]) -> list[SlicePrediction]: ...
+
+    def session(self, image: np.ndarray) -> SliceSession: ...
+
+
+class _RepeatSession:
+    """The session of a predictor that has none: each prediction is a new one-slice request."""
+
+    def __init__(self, predictor: Predictor, image: np.ndarray) -> None:
+        self.predictor = predictor
+        self.image = image
+
+    def predict(self, prompts: Sequence[ObjectPrompt], objects: Sequence[ObjectRef]) -> SlicePrediction:
+        return self.predictor.predict([SliceRequest(self.image, list(prompts), list(objects))])[0]
+
+
+def open_session(predictor: Predictor, image: np.ndarray) -> SliceSession:
+    """``predictor.session(image)`` when it has sessions, else a session that asks it again each time."""
+    if isinstance(predictor, InteractivePredictor):
+        return predictor.session(image)
+    return _RepeatSession(predictor, image)
 
 
 PredictFn = Callable[[SliceRequest], Any]
@@ -301,37 +420,65 @@ class SamSlicePredictor:
     def predict(self, requests: Sequence[SliceRequest]) -> list[SlicePrediction]:
         import torch
 
-        from .sam_forward import canvas_to_input, decode_many, encode, logits_to_canvas
+        from .sam_forward import canvas_to_input, encode
 
         if not requests:
             return []
-        device = self.sam.pixel_mean.device
-        out: list[SlicePrediction] = []
         with torch.inference_mode():
             canvases = torch.from_numpy(np.stack([r.image for r in requests]))
             embeddings = encode(self.sam, canvas_to_input(self.sam, canvases))
-            for i, req in enumerate(requests):
-                logits_parts, iou_parts = [], []
-                for start in range(0, len(req.prompts), self.batch_prompts):
-                    chunk = req.prompts[start : start + self.batch_prompts]
-                    kwargs = _prompt_tensors(chunk, device)
-                    low, iou = decode_many(
-                        self.sam, embeddings[i : i + 1], multimask_output=self.multimask, **kwargs
-                    )
+            return [self.decode(embeddings[i : i + 1], req.prompts) for i, req in enumerate(requests)]
+
+    def session(self, image: np.ndarray) -> SliceSession:
+        """Encode ``image`` once; the session decodes any prompts on that embedding."""
+        import torch
+
+        from .sam_forward import canvas_to_input, encode
+
+        with torch.inference_mode():
+            embedding = encode(self.sam, canvas_to_input(self.sam, torch.from_numpy(image[None])))
+        return _SamSession(self, embedding)
+
+    def decode(self, embedding: Any, prompts: Sequence[ObjectPrompt]) -> SlicePrediction:
+        """Decode ``prompts`` on one image ``embedding (1, C, h, h)``: prompts of the same shape (box or
+        not, number of clicks) together, in chunks of ``batch_prompts``; answers in the prompts' order."""
+        import torch
+
+        from .sam_forward import decode_many, logits_to_canvas
+
+        device = self.sam.pixel_mean.device
+        n = len(prompts)
+        logits = np.zeros((n, MODEL_SLICE_SIZE, MODEL_SLICE_SIZE), np.float32)
+        ious = np.zeros(n, np.float32)
+        groups: dict[tuple[bool, int], list[int]] = {}
+        for i, p in enumerate(prompts):
+            groups.setdefault((p.box is not None, -1 if p.points is None else len(p.points)), []).append(i)
+        with torch.inference_mode():
+            for idx in groups.values():
+                for start in range(0, len(idx), self.batch_prompts):
+                    chunk = idx[start : start + self.batch_prompts]
+                    kwargs = _prompt_tensors([prompts[i] for i in chunk], device)
+                    low, iou = decode_many(self.sam, embedding, multimask_output=self.multimask, **kwargs)
                     if self.multimask:
                         best = iou.argmax(dim=1)
-                        idx = torch.arange(low.shape[0], device=low.device)
-                        low, iou = low[idx, best], iou[idx, best]
+                        rows = torch.arange(low.shape[0], device=low.device)
+                        low, iou = low[rows, best], iou[rows, best]
                     else:
                         low, iou = low[:, 0], iou[:, 0]
-                    logits_parts.append(logits_to_canvas(low).float().cpu())
-                    iou_parts.append(iou.float().cpu())
-                out.append(
-                    SlicePrediction(
-                        torch.cat(logits_parts).numpy(), torch.cat(iou_parts).numpy().astype(np.float32)
-                    )
-                )
-        return out
+                    logits[chunk] = logits_to_canvas(low).float().cpu().numpy()
+                    ious[chunk] = iou.float().cpu().numpy()
+        return SlicePrediction(logits, ious)
+
+
+class _SamSession:
+    """A :class:`SliceSession` of :class:`SamSlicePredictor`: one cached embedding."""
+
+    def __init__(self, owner: SamSlicePredictor, embedding: Any) -> None:
+        self.owner = owner
+        self.embedding = embedding
+
+    def predict(self, prompts: Sequence[ObjectPrompt], objects: Sequence[ObjectRef]) -> SlicePrediction:
+        return self.owner.decode(self.embedding, prompts)
 
 
 def _prompt_tensors(prompts: Sequence[ObjectPrompt], device: Any) -> dict[str, Any]:
@@ -398,6 +545,7 @@ class CaseInfo:
     direction: tuple[float, ...]
     present: dict[int, np.ndarray]  # label -> bool (rows,)
     geometry_source: str = "npz"
+    label_names: dict[int, str] = field(default_factory=dict)  # value -> name, as the file records them
 
 
 def list_slice_files(data: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
@@ -457,16 +605,36 @@ def scan_case(path: Path) -> CaseInfo:
     if not present:
         raise UserInputError(f"{path} has no labels: every slice's ground truth is empty")
     return CaseInfo(
-        name, path, n, slice_index, volume_shape, geom, spacing, origin, direction, present, source
+        name,
+        path,
+        n,
+        slice_index,
+        volume_shape,
+        geom,
+        spacing,
+        origin,
+        direction,
+        present,
+        source,
+        npz_label_names(arrays),
     )
 
 
-def scan_dataset(files: Sequence[Path], labels: Sequence[int] | None) -> tuple[list[CaseInfo], list[int]]:
-    """Scan every file (fail fast on a bad one) and resolve the label values to score."""
+def dataset_label_names(cases: Sequence[CaseInfo]) -> dict[int, str]:
+    """``{value: name}`` of the files (:func:`sam_medical.label_names.merge_value_names`: they must agree)."""
+    return merge_value_names([(c.path.name, c.label_names) for c in cases])
+
+
+def scan_dataset(
+    files: Sequence[Path], labels: Sequence[int | str] | None
+) -> tuple[list[CaseInfo], list[int]]:
+    """Scan every file (fail fast on a bad one) and resolve the labels to score (values, or names the
+    files define) to label values."""
     cases = [scan_case(f) for f in files]
     found = sorted({v for c in cases for v in c.present})
     if labels is None:
         return cases, found
+    labels = resolve_labels(labels, dataset_label_names(cases), found)
     unknown = sorted(set(labels) - set(found))
     if unknown:
         raise UserInputError(f"label values {unknown} do not occur in the data; present values: {found}")
@@ -638,10 +806,16 @@ def describe(values: Iterable[float]) -> dict[str, Any]:
     }
 
 
-def paired_comparison(model: Sequence[float], baseline: Sequence[float], tol: float = TIE_TOLERANCE) -> dict:
+def paired_comparison(
+    model: Sequence[float],
+    baseline: Sequence[float],
+    tol: float = TIE_TOLERANCE,
+    alternative: str = "two-sided",
+) -> dict:
     """Paired per-object comparison of ``model - baseline`` Dice: mean/median difference, wins, losses,
-    ties (``|diff| < tol``), and a two-sided Wilcoxon signed-rank test (``scipy.stats.wilcoxon``,
-    ``zero_method="wilcox"``: zero differences are dropped). All differences zero: no test, p = 1."""
+    ties (``|diff| < tol``), and a Wilcoxon signed-rank test (``scipy.stats.wilcoxon``,
+    ``zero_method="wilcox"``: zero differences are dropped; ``alternative`` ``"two-sided"``, or
+    ``"greater"``: the model is better). All differences zero: no test, p = 1."""
     from scipy.stats import wilcoxon
 
     a, b = np.asarray(model, np.float64), np.asarray(baseline, np.float64)
@@ -660,7 +834,7 @@ def paired_comparison(model: Sequence[float], baseline: Sequence[float], tol: fl
         "n_nonzero": int((d != 0).sum()),
         "wilcoxon_statistic": None,
         "wilcoxon_p": None,
-        "test": "two-sided Wilcoxon signed-rank, zero_method='wilcox'",
+        "test": f"{alternative} Wilcoxon signed-rank, zero_method='wilcox'",
     }
     if n == 0:
         out["note"] = "no paired values"
@@ -668,7 +842,9 @@ def paired_comparison(model: Sequence[float], baseline: Sequence[float], tol: fl
         out["wilcoxon_p"] = 1.0
         out["note"] = "all differences are zero: no test, p = 1"
     else:
-        res = wilcoxon(d, zero_method="wilcox", alternative="two-sided")
+        with warnings.catch_warnings():  # small samples: scipy warns that the p-value is exact or approximate
+            warnings.simplefilter("ignore")
+            res = wilcoxon(d, zero_method="wilcox", alternative=alternative)
         out["wilcoxon_statistic"] = float(res.statistic)
         out["wilcoxon_p"] = float(res.pvalue)
     return out
@@ -714,6 +890,102 @@ def score_slice(
     )
 
 
+@dataclass
+class Answer:
+    """A predictor's answer to one slice request: the ``final`` prediction, the prediction after each step
+    (``steps[0]``: the first prompt; ``steps[i]``: after corrective click ``i``), the final ``prompts``
+    (with their clicks) and the number of corrective ``clicks`` per object ``(P,)``."""
+
+    final: SlicePrediction
+    steps: list[SlicePrediction]
+    prompts: list[ObjectPrompt]
+    clicks: np.ndarray
+
+
+def refine(
+    session: SliceSession,
+    request: SliceRequest,
+    first: SlicePrediction,
+    gt: np.ndarray,
+    valid: np.ndarray,
+    rounds: int,
+) -> Answer:
+    """``rounds`` corrective clicks per object after ``first`` (see the module docstring).
+
+    Args:
+        session: the slice's session (its image prepared once).
+        request: the slice and its objects' first prompts.
+        first: the prediction of the first prompts.
+        gt: ``(P, 256, 256)`` bool, each object's ground truth on the canvas.
+        valid: ``(256, 256)`` bool, the canvas region holding the image (clicks go only there).
+        rounds: corrective clicks per object; an object whose prediction is exact gets no more.
+    """
+    prompts = list(request.prompts)
+    clicks = np.zeros(len(prompts), np.int64)
+    steps = [first]
+    current = first
+    active = list(range(len(prompts)))
+    for _ in range(rounds):
+        clicked = []
+        for p in active:
+            click = corrective_click(current.logits[p] > 0, gt[p], valid)
+            if click is not None:
+                prompts[p] = prompts[p].with_click(*click)
+                clicks[p] += 1
+                clicked.append(p)
+        active = clicked
+        if active:
+            out = session.predict([prompts[p] for p in active], [request.objects[p] for p in active])
+            logits, ious = current.logits.copy(), current.pred_iou.copy()
+            logits[active], ious[active] = out.logits, out.pred_iou
+            current = SlicePrediction(logits, ious, out.binary)
+        steps.append(current)
+    return Answer(current, steps, prompts, clicks)
+
+
+def answer_requests(
+    predictor: Predictor,
+    requests: Sequence[SliceRequest],
+    gts: Sequence[np.ndarray],
+    valid: np.ndarray,
+    rounds: int,
+) -> list[Answer]:
+    """The predictor's answers to ``requests``: one batched call without corrective clicks, else one
+    session per slice (:func:`refine`). ``gts``: per request, ``(P, 256, 256)`` bool canvas ground truth."""
+    if rounds == 0:
+        preds = predictor.predict(requests)
+        if len(preds) != len(requests):
+            raise ValueError("the predictor must answer every request")
+        return [
+            Answer(pred, [pred], list(req.prompts), np.zeros(len(req.prompts), np.int64))
+            for req, pred in zip(requests, preds, strict=True)
+        ]
+    answers = []
+    for req, gt in zip(requests, gts, strict=True):
+        session = open_session(predictor, req.image)
+        answers.append(refine(session, req, session.predict(req.prompts, req.objects), gt, valid, rounds))
+    return answers
+
+
+def box_fill_dice(prompts: Sequence[ObjectPrompt], gt_masks: np.ndarray, geom: SliceGeometry) -> np.ndarray:
+    """The Dice of each prompt's rectangle, filled, against ``gt_masks (P, H, W)`` at the source resolution
+    (mapped back with nearest neighbour, like a hard mask); NaN for a prompt without a box."""
+    out = np.full(len(prompts), np.nan)
+    boxed = [i for i, p in enumerate(prompts) if p.box is not None]
+    if boxed:
+        fills = np.stack([geom.label_from_model(prompts[i].box_mask()) > 0 for i in boxed])
+        out[boxed] = slice_scores(fills, gt_masks[boxed])[0]
+    return out
+
+
+def valid_canvas(geom: SliceGeometry) -> np.ndarray:
+    """``(256, 256)`` bool: the canvas region that holds the image (the rest is padding)."""
+    h, w = geom.resized_shape
+    out = np.zeros((MODEL_SLICE_SIZE, MODEL_SLICE_SIZE), bool)
+    out[:h, :w] = True
+    return out
+
+
 def _iter_batches(items: list, size: int) -> Iterable[list]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -741,6 +1013,8 @@ def evaluate(
     t_start = time.perf_counter()
     files = list_slice_files(config.data)
     cases, labels = scan_dataset(files, config.labels)
+    names = dataset_label_names(cases)
+    refine_rounds = config.prompt.refine
     out_dir = Path(config.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserInputError(f"--out {out_dir} is a file, not a folder")
@@ -814,24 +1088,33 @@ def evaluate(
             if v in case.present:
                 cnt["cases_with_label"] += 1
                 cnt["slices_present"] += int(case.present[v].sum())
+        valid = valid_canvas(case.geometry)
         for batch in _iter_batches(requests, batch_images):
-            preds = model.predict(batch)
-            base_preds = base.predict(batch) if base is not None else [None] * len(batch)
-            if len(preds) != len(batch) or len(base_preds) != len(batch):
-                raise ValueError("the predictor must answer every request")
-            for req, pred, bpred in zip(batch, preds, base_preds, strict=True):
+            canvas_gts = [np.stack([gts[o.row] == o.label for o in req.objects]) for req in batch]
+            answers = answer_requests(model, batch, canvas_gts, valid, refine_rounds)
+            base_answers = (
+                answer_requests(base, batch, canvas_gts, valid, refine_rounds)
+                if base is not None
+                else [None] * len(batch)
+            )
+            for req, ans, bans in zip(batch, answers, base_answers, strict=True):
                 row = req.objects[0].row
                 k = req.objects[0].slice_index
                 gt_src = case.geometry.label_from_model(gts[row])
                 obj_labels = [o.label for o in req.objects]
                 gt_masks = np.stack([gt_src == v for v in obj_labels])
-                s = score_slice(pred, gt_masks, obj_labels, case.geometry, config.save_masks)
+                s = score_slice(ans.final, gt_masks, obj_labels, case.geometry, config.save_masks)
                 sb = (
-                    score_slice(bpred, gt_masks, obj_labels, case.geometry, config.save_masks)
-                    if bpred is not None
+                    score_slice(bans.final, gt_masks, obj_labels, case.geometry, config.save_masks)
+                    if bans is not None
                     else None
                 )
-                for p, (obj, prompt) in enumerate(zip(req.objects, req.prompts, strict=True)):
+                fill = box_fill_dice(req.prompts, gt_masks, case.geometry)
+                step_dice = [
+                    score_slice(st, gt_masks, obj_labels, case.geometry, False).dice for st in ans.steps[:-1]
+                ]
+                step_dice.append(s.dice)
+                for p, obj in enumerate(req.objects):
                     cnt = counts[obj.label]
                     scored_per_label[obj.label] += 1
                     cnt["slices_scored_present" if obj.gt_present else "slices_scored_empty"] += 1
@@ -839,15 +1122,20 @@ def evaluate(
                         "case": obj.case,
                         "slice_index": obj.slice_index,
                         "label": obj.label,
+                        "label_name": names.get(obj.label, ""),
                         "dice": float(s.dice[p]),
+                        "box_fill_dice": float(fill[p]),
                         "iou": float(s.iou[p]),
                         "gt_area": int(gt_masks[p].sum()),
                         "pred_area": int(s.pred_area[p]),
                         "pred_iou": float(s.pred_iou[p]),
-                        "prompt": prompt.describe(),
+                        "prompt": ans.prompts[p].describe(),
                         "gt_present": int(obj.gt_present),
                         "prompt_slice": obj.prompt_slice,
+                        "clicks": int(ans.clicks[p]),
+                        "dice_steps": ";".join(f"{float(d[p]):.6f}" for d in step_dice),
                         "_row": obj.row,
+                        "_steps": [float(d[p]) for d in step_dice],
                     }
                     if sb is not None:
                         record.update(
@@ -856,6 +1144,7 @@ def evaluate(
                             baseline_pred_area=int(sb.pred_area[p]),
                             baseline_pred_iou=float(sb.pred_iou[p]),
                             dice_diff=float(s.dice[p] - sb.dice[p]),
+                            same_as_baseline=int(np.array_equal(s.masks[p], sb.masks[p])),
                         )
                     rows.append(record)
                     if s.masks[p].any():
@@ -901,6 +1190,8 @@ def evaluate(
     summary = summarize(rows, volumes, labels, counts, config, cases)
     summary["model"] = info_model
     summary["baseline"] = info_base
+    if summary["comparison"] is not None:
+        summary["comparison"].update(same_as_baseline(summary["comparison"], rows, info_model, info_base))
     summary["timing"] = {
         "evaluation_seconds": round(t_eval, 3),
         "slices": slices_done,
@@ -940,6 +1231,8 @@ def summarize(
 ) -> dict[str, Any]:
     """Aggregates per label and overall from the per-object rows and per-volume entries."""
     compare = bool(rows) and "baseline_dice" in rows[0]
+    names = dataset_label_names(cases)
+    rounds = config.prompt.refine
     per_label: dict[str, Any] = {}
     comparison: dict[str, Any] | None = {"per_label": {}} if compare else None
     for v in labels:
@@ -947,6 +1240,7 @@ def summarize(
         empty = [r for r in rows if r["label"] == v and not r["gt_present"]]
         vols = [e for e in volumes if e["label"] == v]
         entry: dict[str, Any] = {
+            "name": names.get(v),
             "slice_dice": describe(r["dice"] for r in present),
             "slice_iou": describe(r["iou"] for r in present),
             "volume_dice": describe(e["dice_3d"] for e in vols),
@@ -954,6 +1248,7 @@ def summarize(
             "volumes": len(vols),
             "volumes_without_hd95": sum(1 for e in vols if e["hd95_mm"] is None),
             "counts": dict(counts[v]),
+            **_box_fill_and_steps(present, rounds),
         }
         if config.include_empty:
             entry["empty_slices"] = {
@@ -987,6 +1282,7 @@ def summarize(
         "hd95_mm": describe(e["hd95_mm"] for e in volumes),
         "objects_scored": len(rows),
         "objects_present": len(present_all),
+        **_box_fill_and_steps(present_all, rounds),
     }
     if compare:
         overall["baseline_slice_dice"] = describe(r["baseline_dice"] for r in present_all)
@@ -1010,14 +1306,87 @@ def summarize(
             **config.extra.get("data", {}),
         },
         "labels": [int(v) for v in labels],
+        "label_names": {str(v): names[v] for v in labels if v in names},
         "prompt": config.prompt.as_dict(),
         "policy": policy_dict(config.include_empty),
         "per_label": per_label,
         "overall": overall,
         "volumes": volumes,
         "comparison": comparison,
+        "box_fill": box_fill_verdict(overall),
         **{k: val for k, val in config.extra.items() if k != "data"},
     }
+
+
+def _box_fill_and_steps(present: list[dict[str, Any]], rounds: int) -> dict[str, Any]:
+    """The box-fill reference of ``present`` rows (``box_fill_slice_dice``, and ``vs_box_fill``: the
+    paired model - box-fill comparison) when their prompts have a box; the mean Dice after each step
+    (``refine_curve``) when there were corrective clicks."""
+    out: dict[str, Any] = {}
+    boxed = [r for r in present if math.isfinite(r["box_fill_dice"])]
+    if boxed:
+        out["box_fill_slice_dice"] = describe(r["box_fill_dice"] for r in boxed)
+        out["vs_box_fill"] = paired_comparison(
+            [r["dice"] for r in boxed], [r["box_fill_dice"] for r in boxed]
+        )
+    if rounds and present:
+        out["refine_curve"] = [float(np.mean([r["_steps"][i] for r in present])) for i in range(rounds + 1)]
+    return out
+
+
+def box_fill_verdict(overall: dict[str, Any]) -> dict[str, Any] | None:
+    """What the model adds over the box-fill reference, in numbers and one sentence (None: no box)."""
+    vs = overall.get("vs_box_fill")
+    if not vs or vs["mean_diff"] is None:
+        return None
+    model, fill = overall["slice_dice"]["mean"], overall["box_fill_slice_dice"]["mean"]
+    gain = vs["mean_diff"]
+    adds = gain >= TIE_TOLERANCE and vs["wins"] > vs["losses"]
+    text = (
+        f"box-fill reference: the prompt rectangle itself scores slice Dice {fill:.3f}; the model "
+        f"{model:.3f} ({gain:+.3f}; better on {vs['wins']}, worse on {vs['losses']} of {vs['n']} objects)"
+    )
+    text += "" if adds else ": the model does not beat its own prompt box, so it adds nothing here"
+    return {
+        "model_slice_dice": model,
+        "box_fill_slice_dice": fill,
+        "gain": gain,
+        "model_adds": adds,
+        "verdict": text,
+    }
+
+
+def same_as_baseline(
+    comparison: dict[str, Any],
+    rows: list[dict[str, Any]],
+    model: dict[str, Any],
+    baseline: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Whether the model equals its baseline (every paired difference a tie, or identical predictions),
+    with a sentence saying so and, when the adapter's own metadata tells, why."""
+    overall = comparison["overall"]
+    identical = sum(int(r.get("same_as_baseline", 0)) for r in rows if r["gt_present"])
+    n = overall["n"]
+    same = n > 0 and (overall["ties"] == n or identical == n)
+    out: dict[str, Any] = {"same_as_baseline": same, "identical_predictions": identical, "verdict": None}
+    if not same:
+        return out
+    text = (
+        f"the model equals the baseline: all {n} paired objects are ties (|diff| < {overall['tie_tolerance']}), "
+        f"{identical} with identical predictions"
+    )
+    adapter = (model or {}).get("adapter") or {}
+    if adapter.get("epoch") == 0:
+        text += (
+            "; its adapter was saved at epoch 0 of its training, i.e. it is the model that training started "
+            "from: that run learned nothing"
+        )
+    elif (baseline or {}).get("adapter") and (baseline or {}).get("adapter", {}).get(
+        "version"
+    ) == adapter.get("version"):
+        text += "; both carry the same adapter version"
+    out["verdict"] = text
+    return out
 
 
 def policy_dict(include_empty: bool) -> dict[str, Any]:
@@ -1056,6 +1425,9 @@ def policy_dict(include_empty: bool) -> dict[str, Any]:
         "two labels overlap, the label with the higher logit wins; slices not scored are 0",
         "comparison": f"paired per object: model - baseline Dice; tie when |diff| < {TIE_TOLERANCE}; "
         "two-sided Wilcoxon signed-rank (zero differences dropped; all zero: p = 1)",
+        "box_fill": "with a box prompt, the Dice of the prompt rectangle itself, filled and mapped back like a "
+        "hard mask, on the same objects (box_fill_dice): on compact objects a filled box already scores "
+        "0.7-0.9, so a box-prompted model that does not beat it adds nothing",
     }
 
 
@@ -1079,14 +1451,16 @@ def read_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
         "pred_area",
         "gt_present",
         "prompt_slice",
+        "clicks",
         "baseline_pred_area",
+        "same_as_baseline",
     }
     out = []
     with open(path, newline="") as fh:
         for rec in csv.DictReader(fh):
             row: dict[str, Any] = {}
             for k, v in rec.items():
-                if k in ("case", "prompt"):
+                if k in _TEXT_COLUMNS:
                     row[k] = v
                 elif k in ints:
                     row[k] = int(v)
@@ -1135,6 +1509,8 @@ class Example:
     prompt: ObjectPrompt
     aspect: float = 1.0
     baseline_dice: float | None = None
+    label_name: str = ""
+    box_fill_dice: float | None = None
 
 
 def pick_examples(rows: list[dict[str, Any]], labels: Sequence[int], compare: bool) -> list[tuple[str, dict]]:
@@ -1175,6 +1551,7 @@ def collect_examples(
     for kind, r in picks:
         by_case.setdefault(r["case"], []).append((kind, r))
     case_of = {c.name: c for c in cases}
+    names = dataset_label_names(cases)
     drawn: dict[
         tuple[str, int, int], tuple[np.ndarray, np.ndarray, np.ndarray | None, ObjectPrompt, np.ndarray]
     ] = {}
@@ -1183,16 +1560,22 @@ def collect_examples(
         arrays = load_npz(case.path, keys=("imgs", "gts"))
         only = {(r["_row"], r["label"]) for _, r in items}
         requests, _ = case_requests(case, arrays["imgs"], arrays["gts"], labels, config.prompt, False, only)
+        valid = valid_canvas(case.geometry)
         for req in requests:
-            preds = model.predict([req])[0]
-            bpreds = base.predict([req])[0] if base is not None else None
+            gt = np.stack([arrays["gts"][o.row] == o.label for o in req.objects])
+            ans = answer_requests(model, [req], [gt], valid, config.prompt.refine)[0]
+            bans = (
+                answer_requests(base, [req], [gt], valid, config.prompt.refine)[0]
+                if base is not None
+                else None
+            )
             for p, obj in enumerate(req.objects):
                 drawn[(name, obj.row, obj.label)] = (
                     req.image[:, :, 0],
-                    preds.logits[p] > 0,
-                    bpreds.logits[p] > 0 if bpreds is not None else None,
-                    req.prompts[p],
-                    arrays["gts"][obj.row] == obj.label,
+                    ans.final.logits[p] > 0,
+                    bans.final.logits[p] > 0 if bans is not None else None,
+                    ans.prompts[p],
+                    gt[p],
                 )
     out = []
     for kind, r in picks:
@@ -1205,7 +1588,7 @@ def collect_examples(
         sp_i, sp_j = case.spacing[0] * case.geometry.height / hh, case.spacing[1] * case.geometry.width / ww
         out.append(
             Example(
-                title=f"label {r['label']} {kind}: {r['case']} k={r['slice_index']}",
+                title=f"{label_display(r['label'], names)} {kind}: {r['case']} k={r['slice_index']}",
                 kind=kind,
                 case=r["case"],
                 slice_index=r["slice_index"],
@@ -1218,6 +1601,8 @@ def collect_examples(
                 prompt=prompt,
                 aspect=float(sp_i / sp_j),
                 baseline_dice=r.get("baseline_dice"),
+                label_name=names.get(r["label"], ""),
+                box_fill_dice=r["box_fill_dice"] if math.isfinite(r["box_fill_dice"]) else None,
             )
         )
     return out
@@ -1268,6 +1653,12 @@ __all__ = [
     "SliceRequest",
     "SlicePrediction",
     "Predictor",
+    "InteractivePredictor",
+    "SliceSession",
+    "open_session",
+    "refine",
+    "answer_requests",
+    "box_fill_dice",
     "FunctionPredictor",
     "SamSlicePredictor",
     "build_model_predictor",

@@ -23,6 +23,11 @@ Adapter file (``torch.save``, loadable with ``weights_only=True``)::
               "train_decoder", "lora_params", "version", "created", **extra},
      "lora": {state-dict name: tensor},
      "decoder": mask decoder state dict}          # only when train_decoder
+
+A training run's ``last.pt`` (format ``sam-medical-train-state``, see ``Trainer._save_state`` in
+:mod:`sam_medical.training`) is accepted wherever an adapter is: :func:`_read_adapter` turns its trainable
+tensors and its identity (base model, rank, alpha, blocks) into the same object, with the same checks, and
+:func:`export_adapter` writes it out as a plain adapter file (what :mod:`sam_medical.model_store` publishes).
 """
 
 from __future__ import annotations
@@ -50,6 +55,10 @@ if TYPE_CHECKING:
 
 ADAPTER_FORMAT = "sam-medical-adapter"
 ADAPTER_FORMAT_VERSION = 1
+#: ``last.pt`` of a training run (``sam_medical.training.STATE_FORMAT``; not imported: training imports us).
+TRAIN_STATE_FORMAT = "sam-medical-train-state"
+#: ``meta["converted_from"]`` of an adapter read from a training state.
+CONVERTED_FROM_STATE = "training state (last.pt)"
 _BASE_DECODER_ATTR = "_sam_medical_base_decoder"
 
 
@@ -354,35 +363,66 @@ def save_adapter(
         raise ValueError(f"save_adapter: image_size {image_size} but the model runs at {size}")
 
     lora = {k: v.detach().cpu().clone() for k, v in lora_state_dict(sam).items()}
-    meta: dict[str, Any] = {
-        "model": str(base_info["name"]),
-        "checkpoint_md5": base_info.get("checkpoint_md5"),
-        "weights_digest": base_info.get("weights_digest"),
-        "base": _plain(dict(base_info), "base_info"),
-        "rank": given["rank"],
-        "alpha": alpha,
-        "blocks": given["blocks"],
-        "image_size": size,
-        "train_decoder": bool(train_decoder),
-        "lora_params": int(sum(v.numel() for v in lora.values())),
-        "version": new_version_id(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    decoder = (
+        {k: v.detach().cpu().clone() for k, v in sam.mask_decoder.state_dict().items()} if train_decoder else None
+    )
+    obj = _adapter_object(
+        base=_plain(dict(base_info), "base_info"),
+        rank=given["rank"],
+        alpha=alpha,
+        blocks=given["blocks"],
+        image_size=size,
+        lora=lora,
+        decoder=decoder,
+        version=new_version_id(),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    meta = obj["meta"]
     for key, value in (extra or {}).items():
         if key in meta:
             raise ValueError(f"save_adapter: extra key {key!r} would replace the adapter's own metadata")
         meta[str(key)] = _plain(value, f"extra.{key}")
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return meta
+
+
+def _adapter_object(
+    *,
+    base: dict[str, Any],
+    rank: Any,
+    alpha: Any,
+    blocks: Any,
+    image_size: Any,
+    lora: dict[str, torch.Tensor],
+    decoder: dict[str, torch.Tensor] | None,
+    version: str,
+    created: str,
+) -> dict[str, Any]:
+    """The adapter file's object (see the module docstring) for a base model ``base`` (its ``base_info``)."""
+    meta: dict[str, Any] = {
+        "model": base.get("name"),
+        "checkpoint_md5": base.get("checkpoint_md5"),
+        "weights_digest": base.get("weights_digest"),
+        "base": base,
+        "rank": rank,
+        "alpha": alpha,
+        "blocks": blocks,
+        "image_size": image_size,
+        "train_decoder": decoder is not None,
+        "lora_params": int(sum(v.numel() for v in lora.values())),
+        "version": version,
+        "created": created,
+    }
     obj: dict[str, Any] = {
         "format": ADAPTER_FORMAT,
         "format_version": ADAPTER_FORMAT_VERSION,
         "meta": meta,
         "lora": lora,
     }
-    if train_decoder:
-        obj["decoder"] = {k: v.detach().cpu().clone() for k, v in sam.mask_decoder.state_dict().items()}
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-    return meta
+    if decoder is not None:
+        obj["decoder"] = decoder
+    return obj
 
 
 def _read_adapter(path: str | os.PathLike) -> dict[str, Any]:
@@ -396,8 +436,10 @@ def _read_adapter(path: str | os.PathLike) -> dict[str, Any]:
             f"adapter {path} could not be read; it is corrupt, truncated or not a PyTorch file "
             f"({library_detail(exc)})"
         ) from None
+    if isinstance(obj, dict) and obj.get("format") == TRAIN_STATE_FORMAT:
+        obj = _adapter_from_train_state(obj, path)
     if not isinstance(obj, dict) or obj.get("format") != ADAPTER_FORMAT:
-        raise UserInputError(f"{path} is not a sam-medical LoRA adapter file")
+        raise UserInputError(f"{path} is not a sam-medical LoRA adapter file (nor a training run's last.pt)")
     if obj.get("format_version") != ADAPTER_FORMAT_VERSION:
         raise UserInputError(
             f"adapter {path} has format version {obj.get('format_version')}; this sam-medical reads "
@@ -419,6 +461,77 @@ def _read_adapter(path: str | os.PathLike) -> dict[str, Any]:
             raise UserInputError(f"adapter {path} is corrupt: its mask decoder entries are not all tensors")
         _check_finite(decoder, path, "mask decoder weights")
     return obj
+
+
+def _adapter_from_train_state(state: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The adapter object held by a training state (``last.pt``): its weights at the last step.
+
+    The trainable tensors are split into LoRA (``...lora_...``) and mask decoder (``mask_decoder.*``)
+    entries; the metadata comes from the state's ``identity`` (base model, rank, alpha, blocks). The
+    version id is the file's modification time and a digest of the tensors, so reading the same file
+    twice gives the same version. The result goes through every check of an adapter file.
+
+    Raises:
+        UserInputError: the state lacks its identity or tensors, holds other tensors, or its run kept a
+            mask decoder that came from ``--adapter-init`` and is not stored in ``last.pt``.
+    """
+    import hashlib
+
+    identity, trainable = state.get("identity"), state.get("trainable")
+    base = identity.get("base") if isinstance(identity, dict) else None
+    if (
+        not isinstance(base, dict)
+        or not isinstance(trainable, dict)
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in trainable.items())
+    ):
+        raise UserInputError(
+            f"training state {path} is damaged: it has no model identity or no trainable tensors to use "
+            "as an adapter"
+        )
+    lora = {k: v for k, v in trainable.items() if ".lora_" in k}
+    prefix = "mask_decoder."
+    decoder = {k[len(prefix) :]: v for k, v in trainable.items() if k.startswith(prefix)}
+    other = sorted(set(trainable) - set(lora) - {prefix + k for k in decoder})
+    if other:
+        raise UserInputError(
+            f"training state {path} holds tensors that are neither LoRA nor mask decoder weights, e.g. {other[0]}"
+        )
+    if state.get("save_decoder") and not decoder:
+        raise UserInputError(
+            f"training state {path} does not hold the mask decoder its run started from (--adapter-init); "
+            "use that run's adapter.pt instead"
+        )
+    digest = hashlib.sha256()
+    for name in sorted(trainable):
+        digest.update(name.encode())
+        digest.update(trainable[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    mtime = path.stat().st_mtime
+    obj = _adapter_object(
+        base=base,
+        rank=identity.get("rank"),
+        alpha=identity.get("alpha"),
+        blocks=identity.get("blocks"),
+        image_size=base.get("image_size"),
+        lora=lora,
+        decoder=decoder or None,
+        version=time.strftime("%Y%m%d-%H%M%S", time.gmtime(mtime)) + "-" + digest.hexdigest()[:8],
+        created=datetime.fromtimestamp(mtime, timezone.utc).isoformat(timespec="seconds"),
+    )
+    obj["meta"].update(converted_from=CONVERTED_FROM_STATE, epoch=state.get("epoch"), step=state.get("step"))
+    return obj
+
+
+def export_adapter(source: str | os.PathLike, target: str | os.PathLike) -> dict[str, Any]:
+    """Write the adapter read from ``source`` (an adapter file or a training run's ``last.pt``) to
+    ``target`` as a plain adapter file, atomically; return its metadata.
+
+    Raises:
+        UserInputError: ``source`` is not a readable, sound adapter or training state.
+    """
+    obj = _read_adapter(source)
+    with atomic_path(target) as tmp:
+        torch.save(obj, tmp)
+    return obj["meta"]
 
 
 def _is_int(value: Any) -> bool:
@@ -464,7 +577,7 @@ def _check_finite(tensors: dict[str, torch.Tensor], path: Path, what: str) -> No
 
 
 def read_adapter_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """The metadata of the adapter file at ``path`` (checks that it is one)."""
+    """The metadata of the adapter file (or training run's ``last.pt``) at ``path`` (checks that it is one)."""
     return _read_adapter(path)["meta"]
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from .atomic import atomic_path, write_json_atomic
 from .errors import UserInputError
-from .lora import read_adapter_meta
+from .lora import CONVERTED_FROM_STATE, export_adapter, read_adapter_meta
 
 VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 #: ``select(NO_ADAPTER)`` serves the base model.
@@ -90,7 +90,9 @@ class ModelStore:
         """Copy the adapter file into ``versions/<version>/`` and make it current; return the version.
 
         The adapter is checked first (it must be a readable sam-medical adapter with a safe version id
-        that is not already published). ``metrics`` (plain JSON values) are stored with it.
+        that is not already published). A training run's ``last.pt`` is accepted too: its adapter is
+        written out as a plain adapter file (:func:`sam_medical.lora.export_adapter`), without the
+        optimiser state. ``metrics`` (plain JSON values) are stored with it.
         """
         adapter_path = Path(adapter_path)
         meta = read_adapter_meta(adapter_path)
@@ -100,8 +102,11 @@ class ModelStore:
         if target.exists():
             raise UserInputError(f"adapter version {version} is already published at {target}")
         folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(target) as tmp:
-            shutil.copyfile(adapter_path, tmp)
+        if meta.get("converted_from") == CONVERTED_FROM_STATE:
+            export_adapter(adapter_path, target)
+        else:
+            with atomic_path(target) as tmp:
+                shutil.copyfile(adapter_path, tmp)
         record = {
             "version": version,
             "path": str(target.resolve()),

@@ -45,12 +45,18 @@ class PreprocessOptions:
     keep_empty: float = 0.0
     seed: int = 0
     compress: bool = True
+    #: ``{name: value}`` (:mod:`sam_medical.label_names`), recorded in each slice file.
+    label_names: dict[str, int] | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.keep_empty) <= 1.0:
             raise UserInputError(f"--keep-empty must be a fraction in [0, 1], got {self.keep_empty}")
         if self.min_area < 0:
             raise UserInputError(f"--min-area must be >= 0, got {self.min_area}")
+        if self.label_names is not None:
+            from .label_names import check_label_names
+
+            self.label_names = check_label_names(self.label_names, "label names")
 
 
 @dataclass
@@ -234,6 +240,7 @@ def slice_file_arrays(
 ) -> dict[str, np.ndarray]:
     """The arrays of one ``.npz`` slice file (keys documented in docs/ARCHITECTURE.md)."""
     geom = slices.geometry
+    by_value = {v: k for k, v in (options.label_names or {}).items()}
     meta = {
         "format": "sam-medical-slices",
         "format_version": 1,
@@ -248,6 +255,7 @@ def slice_file_arrays(
         "slice_axis": "k (third stored axis); slice = volume[:, :, k]; rows i, columns j",
         "window": slices.window.as_dict(),
         "label_values": slices.label_values,
+        "label_names": {by_value[v]: v for v in slices.label_values if v in by_value},
         "options": asdict(options),
         **slices.stats,
     }
@@ -265,6 +273,7 @@ def slice_file_arrays(
         "window": np.asarray([slices.window.lo, slices.window.hi], np.float64),
         "modality": np.str_(slices.window.modality),
         "label_values": np.asarray(slices.label_values, np.int64),
+        "label_names": np.asarray([by_value.get(v, "") for v in slices.label_values], dtype=np.str_),
         "source_image": np.str_(meta["source_image"]),
         "source_label": np.str_(meta["source_label"]),
         "meta": np.str_(json.dumps(meta)),
@@ -298,6 +307,9 @@ def preprocess_case(
         "modality": slices.window.modality,
         "window": slices.window.as_dict(),
         "labels": slices.label_values,
+        "label_names": {
+            name: value for name, value in (options.label_names or {}).items() if value in slices.label_values
+        },
         **slices.stats,
         "seconds": round(time.perf_counter() - start, 3),
     }

@@ -5,10 +5,13 @@ canvas (no pyplot, no global state) and embedded as ``data:image/png;base64``; P
 stripped so that not even the encoded bytes carry a URL. All text from the data (case names, paths) is
 HTML-escaped.
 
-Sections: settings and policy; per-label table; per-volume table; the Dice distribution per label
+Sections: banners (the model equals its baseline; the model does not beat its own prompt box); settings
+and policy, as tables; per-label table (labels by name, with the box-fill reference next to the model's
+Dice); Dice after each corrective click (``--refine``); per-volume table; the Dice distribution per label
 (box plot and histogram); before/after comparison (table and scatter plot) when there is a baseline;
-overlays of the best, median and worst slice per label (image, ground-truth contour, predicted
-contour, baseline contour, and the prompt: box and points).
+overlays of the best, median and worst slice per label (image, ground-truth contour, predicted contour,
+baseline contour, and the prompt: box and points; the whole slice and a zoom on the object, each panel at
+least :data:`MIN_OVERLAY_PX` pixels, so that a small kidney is visible); model and timing, as tables.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +37,11 @@ GT_COLOR = "#00c853"
 PRED_COLOR = "#ff1744"
 BASE_COLOR = "#ffd600"
 PROMPT_COLOR = "#2979ff"
+NEGATIVE_COLOR = "#ff9100"
+#: Each overlay panel is drawn at least this many pixels wide and high.
+MIN_OVERLAY_PX = 384
+#: Pixels of context around the object in the zoomed panel (canvas pixels).
+ZOOM_MARGIN = 12
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em;color:#222;max-width:1400px}
 h1{font-size:1.6em}h2{font-size:1.25em;margin-top:2em;border-bottom:1px solid #ccc}
@@ -42,7 +49,11 @@ table{border-collapse:collapse;margin:.5em 0;font-size:.9em}
 th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f0f0f0}
 td.l,th.l{text-align:left}.small{font-size:.85em;color:#555}
 .grid{display:flex;flex-wrap:wrap;gap:12px}.grid figure{margin:0}
-figcaption{font-size:.8em;max-width:320px}pre{background:#f6f6f6;padding:8px;font-size:.8em;white-space:pre-wrap}
+figcaption{font-size:.85em;max-width:900px}pre{background:#f6f6f6;padding:8px;font-size:.8em;white-space:pre-wrap}
+.banner{border:3px solid #c62828;background:#ffebee;color:#b71c1c;font-size:1.25em;font-weight:bold;padding:.8em 1em;margin:1em 0}
+.warn{border:2px solid #ef6c00;background:#fff3e0;color:#8a3c00;font-size:1.1em;font-weight:bold;padding:.6em 1em;margin:1em 0}
+.note{border:1px solid #2e7d32;background:#e8f5e9;padding:.5em 1em;margin:1em 0}
+table table{margin:0;font-size:1em}
 """
 
 
@@ -85,32 +96,66 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], left: int = 1) 
     return f"<table><tr>{th}</tr>{''.join(body)}</table>"
 
 
-def _kv_table(items: dict[str, Any]) -> str:
-    rows = []
-    for k, v in items.items():
-        text = json.dumps(v, default=str) if isinstance(v, dict | list) else v
-        rows.append((k, text))
-    return _table(("setting", "value"), rows, left=2)
+def _value_html(value: Any, depth: int = 0) -> str:
+    """A value as HTML: nested dicts as nested tables, lists of plain values comma-separated, lists of
+    dicts as tables, the rest escaped text (:func:`_fmt`)."""
+    if isinstance(value, dict):
+        if not value:
+            return "&ndash;"
+        rows = "".join(
+            f'<tr><th class="l">{html.escape(str(k))}</th><td class="l">{_value_html(v, depth + 1)}</td></tr>'
+            for k, v in value.items()
+        )
+        return f"<table>{rows}</table>"
+    if isinstance(value, list | tuple):
+        if value and all(isinstance(v, dict) for v in value):
+            return "".join(_value_html(v, depth + 1) for v in value)
+        if len(value) == 2 and all(isinstance(v, float) for v in value):
+            return _fmt(list(value))
+        return ", ".join(_fmt(v) for v in value) if value else "&ndash;"
+    return _fmt(value)
+
+
+def _kv_table(items: dict[str, Any], header: tuple[str, str] = ("setting", "value")) -> str:
+    """A two-column table; values that are dicts or lists become nested tables (never raw JSON)."""
+    th = f'<tr><th class="l">{html.escape(header[0])}</th><th class="l">{html.escape(header[1])}</th></tr>'
+    body = "".join(
+        f'<tr><td class="l">{html.escape(str(k))}</td><td class="l">{_value_html(v)}</td></tr>'
+        for k, v in items.items()
+    )
+    return f"<table>{th}{body}</table>"
+
+
+def _label_names(summary: dict[str, Any]) -> dict[int, str]:
+    return {int(v): str(n) for v, n in (summary.get("label_names") or {}).items()}
 
 
 # --- figures ---------------------------------------------------------------------------------------
 
 
-def dice_distribution_figure(rows: list[dict[str, Any]], labels: Sequence[int]) -> Figure:
+def _label_text(v: int, names: dict[int, str] | None) -> str:
+    from .label_names import label_display
+
+    return label_display(v, names or {})
+
+
+def dice_distribution_figure(
+    rows: list[dict[str, Any]], labels: Sequence[int], names: dict[int, str] | None = None
+) -> Figure:
     """Box plot and histogram of the per-slice Dice of each label (present slices)."""
     from matplotlib.figure import Figure
 
     data = [[r["dice"] for r in rows if r["label"] == v and r["gt_present"]] for v in labels]
     fig = Figure(figsize=(11, 3.8))
     ax1, ax2 = fig.subplots(1, 2)
-    ax1.boxplot(data, tick_labels=[str(v) for v in labels], showmeans=True)
+    ax1.boxplot(data, tick_labels=[_label_text(v, names) for v in labels], showmeans=True)
     ax1.set_xlabel("label")
     ax1.set_ylabel("slice Dice")
     ax1.set_ylim(-0.02, 1.02)
     ax1.set_title("Dice per label (box: quartiles, triangle: mean)")
     bins = np.linspace(0, 1, 21)
     for v, d in zip(labels, data, strict=True):
-        ax2.hist(d, bins=bins, histtype="step", linewidth=1.8, label=f"label {v} (n={len(d)})")
+        ax2.hist(d, bins=bins, histtype="step", linewidth=1.8, label=f"{_label_text(v, names)} (n={len(d)})")
     ax2.set_xlabel("slice Dice")
     ax2.set_ylabel("slices")
     ax2.set_title("Dice histogram")
@@ -119,7 +164,9 @@ def dice_distribution_figure(rows: list[dict[str, Any]], labels: Sequence[int]) 
     return fig
 
 
-def comparison_scatter_figure(rows: list[dict[str, Any]], labels: Sequence[int]) -> Figure:
+def comparison_scatter_figure(
+    rows: list[dict[str, Any]], labels: Sequence[int], names: dict[int, str] | None = None
+) -> Figure:
     """Per-object baseline Dice (x) against model Dice (y), one colour per label, with the diagonal."""
     from matplotlib.figure import Figure
 
@@ -129,7 +176,7 @@ def comparison_scatter_figure(rows: list[dict[str, Any]], labels: Sequence[int])
         pts = [(r["baseline_dice"], r["dice"]) for r in rows if r["label"] == v and r["gt_present"]]
         if pts:
             x, y = zip(*pts, strict=True)
-            ax.scatter(x, y, s=10, alpha=0.6, label=f"label {v}")
+            ax.scatter(x, y, s=10, alpha=0.6, label=_label_text(v, names))
     ax.plot([0, 1], [0, 1], color="#888", linewidth=1, linestyle="--")
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)
@@ -142,22 +189,57 @@ def comparison_scatter_figure(rows: list[dict[str, Any]], labels: Sequence[int])
     return fig
 
 
-def overlay_figure(ex: Example) -> Figure:
-    """The slice with ground truth (green), prediction (red), baseline (yellow, dashed) and prompt (blue)."""
-    from matplotlib.figure import Figure
+def zoom_window(ex: Example) -> tuple[float, float, float, float]:
+    """``(x0, x1, y0, y1)`` of the zoomed panel: the object (its ground truth, the prompt box and the
+    foreground clicks; the prediction is cut where it strays) with :data:`ZOOM_MARGIN` pixels around it,
+    at least 32 pixels wide and high, inside the image."""
+    h, w = ex.image.shape
+    xs = [float(x) for x in np.flatnonzero(ex.gt.any(axis=0))]
+    ys = [float(y) for y in np.flatnonzero(ex.gt.any(axis=1))]
+    if ex.prompt.box is not None:
+        x0, y0, x1, y1 = (float(v) for v in ex.prompt.box)
+        xs += [x0, x1]
+        ys += [y0, y1]
+    if ex.prompt.points is not None:
+        pts = np.asarray(ex.prompt.points, float)
+        fg = (
+            np.ones(len(pts), bool)
+            if ex.prompt.point_labels is None
+            else np.asarray(ex.prompt.point_labels) == 1
+        )
+        xs += pts[fg, 0].tolist()
+        ys += pts[fg, 1].tolist()
+    if not xs:
+        return -0.5, w - 0.5, -0.5, h - 0.5
+    # a window of the image's own shape (so that it fills its panel as the whole slice does), moved
+    # inside the image rather than cut at its border
+    half_x = max(16.0, (max(xs) - min(xs)) / 2 + ZOOM_MARGIN, ((max(ys) - min(ys)) / 2 + ZOOM_MARGIN) * w / h)
+    half_y = half_x * h / w
+
+    def span(centre: float, half: float, size: int) -> tuple[float, float]:
+        if 2 * half >= size:
+            return -0.5, size - 0.5
+        lo = min(max(centre - half, -0.5), size - 0.5 - 2 * half)
+        return lo, lo + 2 * half
+
+    x0, x1 = span((min(xs) + max(xs)) / 2, half_x, w)
+    y0, y1 = span((min(ys) + max(ys)) / 2, half_y, h)
+    return x0, x1, y0, y1
+
+
+def _draw_overlay(ax: Any, ex: Example, window: tuple[float, float, float, float] | None) -> list:
+    """Draw image, contours and prompt on ``ax`` (whole slice, or ``window``); return legend handles."""
     from matplotlib.lines import Line2D
     from matplotlib.patches import Rectangle
 
-    fig = Figure(figsize=(3.6, 3.8))
-    ax = fig.subplots()
     ax.imshow(ex.image, cmap="gray", vmin=0, vmax=255, aspect=ex.aspect, interpolation="nearest")
     handles = [
         Line2D([], [], color=GT_COLOR, label="ground truth"),
         Line2D([], [], color=PRED_COLOR, label="prediction"),
     ]
-    for mask, color, style in ((ex.gt, GT_COLOR, "solid"), (ex.pred, PRED_COLOR, "solid")):
+    for mask, color in ((ex.gt, GT_COLOR), (ex.pred, PRED_COLOR)):
         if mask.any():
-            ax.contour(mask.astype(float), levels=[0.5], colors=[color], linewidths=1.3, linestyles=style)
+            ax.contour(mask.astype(float), levels=[0.5], colors=[color], linewidths=1.4)
     if ex.baseline is not None:
         handles.append(Line2D([], [], color=BASE_COLOR, linestyle="--", label="baseline"))
         if ex.baseline.any():
@@ -165,7 +247,7 @@ def overlay_figure(ex: Example) -> Figure:
                 ex.baseline.astype(float),
                 levels=[0.5],
                 colors=[BASE_COLOR],
-                linewidths=1.1,
+                linewidths=1.2,
                 linestyles="dashed",
             )
     if ex.prompt.box is not None:
@@ -182,18 +264,50 @@ def overlay_figure(ex: Example) -> Figure:
         )
         handles.append(Line2D([], [], color=PROMPT_COLOR, label="box prompt"))
     if ex.prompt.points is not None:
-        pts = np.asarray(ex.prompt.points)
-        ax.scatter(pts[:, 0], pts[:, 1], marker="*", s=90, c=PROMPT_COLOR, edgecolors="white", linewidths=0.6)
-        handles.append(Line2D([], [], color=PROMPT_COLOR, marker="*", linestyle="", label="point prompt"))
-    ax.set_xlim(-0.5, ex.image.shape[1] - 0.5)
-    ax.set_ylim(ex.image.shape[0] - 0.5, -0.5)
+        pts = np.asarray(ex.prompt.points, float)
+        labels = (
+            np.asarray(ex.prompt.point_labels)
+            if ex.prompt.point_labels is not None
+            else np.ones(len(pts), int)
+        )
+        for value, color, marker, name in (
+            (1, PROMPT_COLOR, "*", "click"),
+            (0, NEGATIVE_COLOR, "X", "background click"),
+        ):
+            sel = pts[labels == value]
+            if len(sel):
+                ax.scatter(
+                    sel[:, 0], sel[:, 1], marker=marker, s=110, c=color, edgecolors="white", linewidths=0.7
+                )
+                handles.append(Line2D([], [], color=color, marker=marker, linestyle="", label=name))
+    x0, x1, y0, y1 = window or (-0.5, ex.image.shape[1] - 0.5, -0.5, ex.image.shape[0] - 0.5)
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y1, y0)
     ax.set_xticks([])
     ax.set_yticks([])
-    title = f"{ex.kind}: Dice {ex.dice:.3f}"
-    if ex.baseline_dice is not None:
-        title += f" (baseline {ex.baseline_dice:.3f})"
-    ax.set_title(title, fontsize=9)
-    ax.legend(handles=handles, fontsize=6, loc="lower left", framealpha=0.7)
+    return handles
+
+
+def overlay_figure(ex: Example) -> Figure:
+    """The slice with ground truth (green), prediction (red), baseline (yellow, dashed) and prompt (blue;
+    background clicks orange): the whole slice on the left, a zoom on the object on the right. At the
+    report's 100 dpi each panel is at least :data:`MIN_OVERLAY_PX` pixels."""
+    from matplotlib.figure import Figure
+
+    # each panel's shorter side gets MIN_OVERLAY_PX pixels (and some room) at 100 dpi, whatever the shape
+    ratio = min(4.0, max(0.25, ex.image.shape[0] * ex.aspect / ex.image.shape[1]))  # displayed height / width
+    side = 1.25 * MIN_OVERLAY_PX / 100
+    width, height = (side, side * ratio) if ratio >= 1 else (side / ratio, side)
+    fig = Figure(figsize=(2 * width + 0.4, height + 0.8))
+    ax_full, ax_zoom = fig.subplots(1, 2)
+    handles = _draw_overlay(ax_full, ex, None)
+    _draw_overlay(ax_zoom, ex, zoom_window(ex))
+    extra = [f"box fill {ex.box_fill_dice:.3f}"] if ex.box_fill_dice is not None else []
+    extra += [f"baseline {ex.baseline_dice:.3f}"] if ex.baseline_dice is not None else []
+    title = f"{ex.kind}: Dice {ex.dice:.3f}" + (f" ({'; '.join(extra)})" if extra else "")
+    ax_full.set_title(title, fontsize=11)
+    ax_zoom.set_title("zoom on the object", fontsize=11)
+    ax_full.legend(handles=handles, fontsize=8, loc="lower left", framealpha=0.7)
     fig.tight_layout()
     return fig
 
@@ -201,37 +315,68 @@ def overlay_figure(ex: Example) -> Figure:
 # --- the page --------------------------------------------------------------------------------------
 
 
+def banners(summary: dict[str, Any]) -> list[str]:
+    """The report's loud lines: the model equals its baseline; the model does not beat its own box."""
+    out = []
+    comp = summary.get("comparison") or {}
+    if comp.get("same_as_baseline"):
+        out.append(
+            "<div class='banner' id='same-as-baseline'>The model is the same as its baseline: "
+            f"{html.escape(str(comp.get('verdict') or ''))}. The adapter adds nothing here.</div>"
+        )
+    box = summary.get("box_fill") or {}
+    if box and not box.get("model_adds"):
+        out.append(f"<div class='warn' id='box-fill'>{html.escape(box['verdict'])}.</div>")
+    elif box:
+        out.append(f"<div class='note' id='box-fill'>{html.escape(box['verdict'])}.</div>")
+    return out
+
+
+def _model_settings(model: dict[str, Any]) -> dict[str, Any]:
+    adapter = model.get("adapter") or {}
+    out = {
+        "model": model.get("name", model.get("kind")),
+        "checkpoint": model.get("checkpoint"),
+        "random weights": model.get("random_weights"),
+        "input size": model.get("image_size"),
+        "adapter": adapter.get("path"),
+        "adapter version": adapter.get("version"),
+        "adapter epoch": adapter.get("epoch"),
+        "adapter validation Dice": adapter.get("val_dice"),
+        "device": model.get("device"),
+    }
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def render_report(summary: dict[str, Any], rows: list[dict[str, Any]], examples: Sequence[Example]) -> str:
     """The report's HTML text."""
+    from .label_names import label_display
+
     labels = [int(v) for v in summary["labels"]]
+    names = _label_names(summary)
+
+    def lab(v: int) -> str:
+        return label_display(v, names)
+
     compare = summary.get("comparison") is not None
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>sam-medical evaluation</title>",
         f"<style>{_CSS}</style></head><body>",
         "<h1>sam-medical evaluation report</h1>",
         f"<p class='small'>created {_fmt(summary.get('created'))}; {summary['data']['cases']} case(s); "
-        f"{summary['overall']['objects_scored']} object(s) scored.</p>",
+        f"{summary['overall']['objects_scored']} object(s) scored; labels: "
+        f"{html.escape(', '.join(lab(v) for v in labels))}.</p>",
+        *banners(summary),
     ]
 
-    # settings
-    model = summary.get("model") or {}
-    settings = {
-        "model": model.get("name", model.get("kind")),
-        "checkpoint": model.get("checkpoint"),
-        "random weights": model.get("random_weights"),
-        "input size": model.get("image_size"),
-        "adapter": (model.get("adapter") or {}).get("path"),
-        "adapter version": (model.get("adapter") or {}).get("version"),
-        "device": model.get("device"),
-        "prompt": summary["prompt"],
-    }
+    # settings, as tables
+    settings: dict[str, Any] = {"model": _model_settings(summary.get("model") or {})}
     if compare:
-        b = summary.get("baseline") or {}
-        settings["baseline"] = {
-            k: b.get(k) for k in ("name", "checkpoint", "random_weights", "image_size") if k in b
-        } | {"adapter": (b.get("adapter") or {}).get("path")}
-    parts += ["<h2>Settings</h2>", _kv_table({k: v for k, v in settings.items() if v is not None})]
-    parts += ["<h2>What was counted</h2>", _kv_table(summary["policy"])]
+        settings["baseline"] = _model_settings(summary.get("baseline") or {})
+    settings["prompt"] = {k: v for k, v in summary["prompt"].items() if v is not None}
+    settings["labels"] = {lab(v): v for v in labels}
+    parts += ["<h2>Settings</h2>", _kv_table(settings)]
+    parts += ["<h2>What was counted</h2>", _kv_table(summary["policy"], ("rule", "what it means"))]
 
     # per label
     header = [
@@ -241,6 +386,8 @@ def render_report(summary: dict[str, Any], rows: list[dict[str, Any]], examples:
         "empty scored",
         "not in files",
         "Dice mean",
+        "box-fill Dice",
+        "model - box fill",
         "median",
         "sd",
         "95% CI (t)",
@@ -251,6 +398,13 @@ def render_report(summary: dict[str, Any], rows: list[dict[str, Any]], examples:
         "HD95 median",
         "no HD95",
     ]
+
+    def box_cols(e: dict[str, Any]) -> list[Any]:
+        return [
+            (e.get("box_fill_slice_dice") or {}).get("mean"),
+            (e.get("vs_box_fill") or {}).get("mean_diff"),
+        ]
+
     table_rows = []
     for v in labels:
         e = summary["per_label"][str(v)]
@@ -258,12 +412,13 @@ def render_report(summary: dict[str, Any], rows: list[dict[str, Any]], examples:
         d = e["slice_dice"]
         table_rows.append(
             [
-                v,
+                lab(v),
                 c["slices_scored_present"],
                 c["slices_skipped_empty"],
                 c["slices_scored_empty"],
                 c["slices_not_in_files"],
                 d["mean"],
+                *box_cols(e),
                 d["median"],
                 d["std"],
                 d["ci95"],
@@ -284,6 +439,7 @@ def render_report(summary: dict[str, Any], rows: list[dict[str, Any]], examples:
             o["objects_scored"] - o["objects_present"],
             "",
             o["slice_dice"]["mean"],
+            *box_cols(o),
             o["slice_dice"]["median"],
             o["slice_dice"]["std"],
             o["slice_dice"]["ci95"],
@@ -298,7 +454,8 @@ def render_report(summary: dict[str, Any], rows: list[dict[str, Any]], examples:
     parts += [
         "<h2>Per label</h2>",
         "<p class='small'>Slice Dice over slices where the label is present; mean of the label means: "
-        f"{_fmt(o['slice_dice_mean_of_labels'])}.</p>",
+        f"{_fmt(o['slice_dice_mean_of_labels'])}. Box-fill Dice: the prompt rectangle itself, filled, on the same "
+        "objects (no box in the prompt: &ndash;).</p>",
         _table(header, table_rows),
     ]
     if summary["policy"]["include_empty"]:
@@ -308,7 +465,7 @@ def render_report(summary: dict[str, Any], rows: list[dict[str, Any]], examples:
             em = e["empty_slices"]
             er.append(
                 [
-                    v,
+                    lab(v),
                     em["n"],
                     em["predicted_empty"],
                     em["with_false_positive"],
@@ -331,6 +488,19 @@ def render_report(summary: dict[str, Any], rows: list[dict[str, Any]], examples:
             ),
         ]
 
+    # corrective clicks
+    rounds = int(summary["prompt"].get("refine") or 0)
+    if rounds and o.get("refine_curve"):
+        rh = ["label", "first prompt", *[f"+{i} click{'s' if i > 1 else ''}" for i in range(1, rounds + 1)]]
+        rr = [[lab(v), *summary["per_label"][str(v)].get("refine_curve", [])] for v in labels]
+        rr.append(["all", *o["refine_curve"]])
+        parts += [
+            "<h2>Dice after each corrective click</h2>",
+            f"<p class='small'>Mean slice Dice after the first prompt and after each of {rounds} corrective "
+            f"click(s): {html.escape(summary['prompt'].get('refine_rule') or '')}.</p>",
+            _table(rh, rr),
+        ]
+
     # per volume
     vh = ["case", "label", "slices scored", "gt voxels", "pred voxels", "3D Dice", "HD95 mm"]
     if compare:
@@ -339,7 +509,7 @@ def render_report(summary: dict[str, Any], rows: list[dict[str, Any]], examples:
     for e in summary["volumes"]:
         r = [
             e["case"],
-            e["label"],
+            lab(e["label"]),
             e["slices_scored"],
             e["gt_voxels"],
             e["pred_voxels"],
@@ -349,12 +519,14 @@ def render_report(summary: dict[str, Any], rows: list[dict[str, Any]], examples:
         if compare:
             r += [e.get("baseline_dice_3d"), e.get("baseline_hd95_mm")]
         vrows.append(r)
-    parts += ["<h2>Per volume</h2>", _table(vh, vrows, left=1)]
+    parts += ["<h2>Per volume</h2>", _table(vh, vrows, left=2)]
 
     # distributions
     parts += [
         "<h2>Dice distribution</h2>",
-        _img(figure_to_data_uri(dice_distribution_figure(rows, labels)), "Dice distribution per label"),
+        _img(
+            figure_to_data_uri(dice_distribution_figure(rows, labels, names)), "Dice distribution per label"
+        ),
     ]
 
     # comparison
@@ -364,7 +536,7 @@ def render_report(summary: dict[str, Any], rows: list[dict[str, Any]], examples:
         crow = []
         for scope, c in (
             [("all slices", comp["overall"])]
-            + [(f"label {v} slices", comp["per_label"][str(v)]) for v in labels]
+            + [(f"{lab(v)} slices", comp["per_label"][str(v)]) for v in labels]
             + [("volumes (3D Dice)", comp["volumes"])]
         ):
             crow.append(
@@ -383,37 +555,40 @@ def render_report(summary: dict[str, Any], rows: list[dict[str, Any]], examples:
         parts += [
             "<h2>Before / after comparison</h2>",
             f"<p class='small'>Differences are {html.escape(comp['difference'])}; tie when |diff| &lt; "
-            f"{comp['overall']['tie_tolerance']}; {html.escape(comp['overall']['test'])}.</p>",
+            f"{comp['overall']['tie_tolerance']}; {html.escape(comp['overall']['test'])}; identical predictions: "
+            f"{comp.get('identical_predictions', 0)} of {comp['overall']['n']}.</p>",
             _table(ch, crow),
-            _img(figure_to_data_uri(comparison_scatter_figure(rows, labels)), "before vs after scatter"),
+            _img(
+                figure_to_data_uri(comparison_scatter_figure(rows, labels, names)), "before vs after scatter"
+            ),
         ]
 
     # examples
     if examples:
         parts.append("<h2>Examples</h2>")
         parts.append(
-            "<p class='small'>Green: ground truth; red: prediction; yellow dashed: baseline; blue: prompt. "
-            "Shown on the 256 canvas (valid region), pixel aspect from the spacing.</p>"
+            "<p class='small'>Green: ground truth; red: prediction; yellow dashed: baseline; blue: prompt (box, "
+            "clicks), orange: background clicks. Left: the slice on the 256 canvas (valid region), pixel aspect "
+            "from the spacing; right: a zoom on the object.</p>"
         )
         for v in labels:
             figs = [ex for ex in examples if ex.label == v]
             if not figs:
                 continue
-            parts.append(f"<h3>label {v}</h3><div class='grid'>")
+            parts.append(f"<h3>{html.escape(lab(v))}</h3><div class='grid'>")
             for ex in figs:
-                uri = figure_to_data_uri(overlay_figure(ex), dpi=90)
+                uri = figure_to_data_uri(overlay_figure(ex), dpi=100)
                 parts.append(
                     f"<figure>{_img(uri, ex.title)}<figcaption>{html.escape(ex.title)}</figcaption></figure>"
                 )
             parts.append("</div>")
 
-    # raw
-    raw = {k: summary.get(k) for k in ("model", "baseline", "timing")}
-    parts += [
-        "<h2>Model and timing</h2>",
-        f"<pre>{html.escape(json.dumps(raw, indent=2, default=str))}</pre>",
-        "</body></html>",
-    ]
+    # model and timing, as tables
+    parts += ["<h2>Model and timing</h2>"]
+    for key in ("model", "baseline", "timing"):
+        if summary.get(key):
+            parts += [f"<h3>{key}</h3>", _kv_table(summary[key], ("key", "value"))]
+    parts.append("</body></html>")
     return "\n".join(parts)
 
 

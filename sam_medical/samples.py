@@ -44,8 +44,8 @@ import numpy as np
 from .atomic import atomic_path
 from .errors import UserInputError
 
-LABEL_NAMES: dict[int, str] = {1: "liver", 2: "spleen", 3: "left_kidney"}
-"""Label value -> organ name, for every phantom."""
+LABEL_NAMES: dict[int, str] = {1: "liver", 2: "spleen", 3: "kidney"}
+"""Label value -> organ name, for every phantom (the kidney is the left one); ``labels.json`` holds them."""
 
 ORGAN_HU: dict[int, float] = {1: 60.0, 2: 45.0, 3: 150.0}
 """Mean Hounsfield units of each labelled organ (before noise and partial volume)."""
@@ -531,8 +531,9 @@ def make_samples(
 ) -> list[Path]:
     """Write ``count`` phantoms as a MONAI Label datastore; return the image paths.
 
-    Layout: ``out_dir/phantom_NNN.nii.gz`` (int16 HU) and ``out_dir/labels/final/phantom_NNN.nii.gz``
-    (uint8, values of :data:`LABEL_NAMES`). Case ``n`` uses geometry ``SAMPLE_SPECS[n % 4]`` and seed
+    Layout: ``out_dir/phantom_NNN.nii.gz`` (int16 HU), ``out_dir/labels/final/phantom_NNN.nii.gz``
+    (uint8, values of :data:`LABEL_NAMES`) and ``out_dir/labels.json`` (the label names,
+    :mod:`sam_medical.label_names`). Case ``n`` uses geometry ``SAMPLE_SPECS[n % 4]`` and seed
     :func:`case_seed` ``(seed, n)``. Existing files of the same names are replaced; others are left alone.
     """
     if isinstance(count, bool) or int(count) != count or not 1 <= int(count) <= MAX_COUNT:
@@ -547,6 +548,9 @@ def make_samples(
         label_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserInputError(f"cannot create output folder {label_dir}: {exc.strerror or exc}") from None
+    from .label_names import LABELS_FILE, write_labels_file
+
+    write_labels_file(out / LABELS_FILE, {name: value for value, name in LABEL_NAMES.items()})
     paths = []
     for n in range(int(count)):
         spec = SAMPLE_SPECS[n % len(SAMPLE_SPECS)]

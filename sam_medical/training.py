@@ -53,7 +53,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -248,7 +248,73 @@ def batch_keys(batch: dict[str, Any]) -> list[tuple[str, int]]:
     return [(str(c), int(k)) for c, k in zip(batch["case_uid"], batch["slice_index"].tolist(), strict=True)]
 
 
+@dataclass(frozen=True)
+class ItemDice:
+    """The validation Dice of one item (slice x label value) for one prompt kind (NaN: empty target)."""
+
+    case: str
+    slice_index: int
+    label: int
+    kind: str
+    dice: float
+
+
 @torch.no_grad()
+def _batch_dices(
+    sam: Sam,
+    loader: Any,
+    kinds: list[str],
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    features: Any = None,
+) -> Iterator[tuple[dict[str, Any], str, torch.Tensor]]:
+    """``(batch, kind, per-item Dice (B,))`` for every batch of ``loader`` and every prompt kind.
+
+    Each image is encoded once (its frozen part from ``features``, a
+    :class:`~sam_medical.feature_cache.FeatureCache`, when given) and decoded once per kind (``"box"``: the
+    tight box; ``"point"``: the clicks; ``"box+point"``: both). Predictions are
+    ``logits_to_canvas(low_res) > 0`` on the 256 canvas, set to 0 outside ``valid_hw``; Dice per item by
+    MONAI ``DiceMetric`` (NaN for an empty target). The model is in eval mode meanwhile.
+    """
+    from monai.metrics import DiceMetric
+
+    from .sam_forward import canvas_to_input, decode, encode, logits_to_canvas
+
+    was_training = sam.training
+    sam.eval()
+    metric = DiceMetric(include_background=True, reduction="none")
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    )
+    try:
+        for batch in loader:
+            image = batch["image"].to(device, non_blocking=True)
+            target = batch["target"].to(device)
+            valid = torch.zeros_like(target, dtype=torch.bool)
+            for b, (h, w) in enumerate(batch["valid_hw"].tolist()):
+                valid[b, :, :h, :w] = True
+            with autocast:
+                if features is not None:
+                    emb = features.embed(sam, image, batch_keys(batch))
+                else:
+                    emb = encode(sam, canvas_to_input(sam, image))
+                for kind in kinds:
+                    use_points = "point" in kind
+                    low, _ = decode(
+                        sam,
+                        emb,
+                        points=batch["points"] if use_points else None,
+                        point_labels=batch["point_labels"] if use_points else None,
+                        boxes=batch["box"] if "box" in kind else None,
+                    )
+                    pred = (logits_to_canvas(low.float()) > 0) & valid
+                    per_item = metric(y_pred=pred.float(), y=target).flatten()  # (B,), nan for empty targets
+                    metric.reset()
+                    yield batch, kind, per_item
+    finally:
+        sam.train(was_training)
+
+
 def dice_sums(
     sam: Sam,
     loader: Any,
@@ -259,52 +325,34 @@ def dice_sums(
 ) -> dict[str, tuple[float, int]]:
     """Sum and count of per-item Dice, per prompt kind, over ``loader`` (deterministic prompts).
 
-    Each image is encoded once (its frozen part from ``features``, a
-    :class:`~sam_medical.feature_cache.FeatureCache`, when given) and decoded once per kind (``"box"``: the tight box; ``"point"``: the
-    clicks; ``"box+point"``: both). Predictions are ``logits_to_canvas(low_res) > 0`` on the 256 canvas,
-    set to 0 outside ``valid_hw``; Dice per item by MONAI ``DiceMetric``. Sums rather than means so that
+    See :func:`_batch_dices` for how items are predicted and scored. Sums rather than means so that
     DDP ranks can add theirs (MONAI's own ``aggregate`` would gather across ranks by itself, which only
-    works when every rank validates).
+    works when every rank validates). :func:`item_dices` gives the same values item by item.
     """
-    from monai.metrics import DiceMetric
-
-    from .sam_forward import canvas_to_input, decode, encode, logits_to_canvas
-
-    was_training = sam.training
-    sam.eval()
-    metric = DiceMetric(include_background=True, reduction="none")
     sums = {k: [0.0, 0] for k in kinds}
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    )
-    for batch in loader:
-        image = batch["image"].to(device, non_blocking=True)
-        target = batch["target"].to(device)
-        valid = torch.zeros_like(target, dtype=torch.bool)
-        for b, (h, w) in enumerate(batch["valid_hw"].tolist()):
-            valid[b, :, :h, :w] = True
-        with autocast:
-            if features is not None:
-                emb = features.embed(sam, image, batch_keys(batch))
-            else:
-                emb = encode(sam, canvas_to_input(sam, image))
-            for kind in kinds:
-                use_points = "point" in kind
-                low, _ = decode(
-                    sam,
-                    emb,
-                    points=batch["points"] if use_points else None,
-                    point_labels=batch["point_labels"] if use_points else None,
-                    boxes=batch["box"] if "box" in kind else None,
-                )
-                pred = (logits_to_canvas(low.float()) > 0) & valid
-                per_item = metric(y_pred=pred.float(), y=target).flatten()  # (B,), nan for empty targets
-                metric.reset()
-                ok = ~torch.isnan(per_item)
-                sums[kind][0] += float(per_item[ok].sum())
-                sums[kind][1] += int(ok.sum())
-    sam.train(was_training)
+    for _, kind, per_item in _batch_dices(sam, loader, kinds, device, amp_dtype, features):
+        ok = ~torch.isnan(per_item)
+        sums[kind][0] += float(per_item[ok].sum())
+        sums[kind][1] += int(ok.sum())
     return {k: (v[0], v[1]) for k, v in sums.items()}
+
+
+def item_dices(
+    sam: Sam,
+    loader: Any,
+    kinds: list[str],
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    features: Any = None,
+) -> list[ItemDice]:
+    """The Dice of every item of ``loader`` for every prompt kind, item by item (what :func:`dice_sums`
+    adds up): per-label means and paired tests before/after training are made from these."""
+    out: list[ItemDice] = []
+    for batch, kind, per_item in _batch_dices(sam, loader, kinds, device, amp_dtype, features):
+        keys = zip(batch["case"], batch["slice_index"].tolist(), batch["label"].tolist(), strict=True)
+        for (case, k, label), dice in zip(keys, per_item.tolist(), strict=True):
+            out.append(ItemDice(str(case), int(k), int(label), kind, float(dice)))
+    return out
 
 
 def mean_dice(sums: dict[str, tuple[float, int]]) -> dict[str, float]:
@@ -903,6 +951,48 @@ class Trainer:
             "world_size": self.dist.world_size,
             "config": cfg.to_dict(),
         }
+        # the outcome, said plainly (sam_medical.outcome): did any epoch beat the starting model, Dice per
+        # label by name, and the best adapter against the starting model item by item (both scored again)
+        from .feature_cache import MODE_EMBEDDING
+        from .label_names import files_label_names
+        from .outcome import paired_gain, per_label, score_start_and_best, verdict
+
+        cases = self.train_ds.cases + ([] if self.val_on_train else self.val_ds.cases)
+        by_value = files_label_names([c.path for c in cases])
+        start = best = None
+        if self.adapter_path.is_file() or self.dist.distributed:
+            start, best = score_start_and_best(
+                cfg,
+                self.adapter_path,
+                self.val_loader,
+                cfg.val_kinds(),
+                self.device,
+                self.amp_dtype,
+                self.dist,
+                score_start=self.best_epoch > 0,
+                features=self.features if self.features.mode == MODE_EMBEDDING else None,
+            )
+        paired = paired_gain(start, best) if start is not None and best is not None else None
+        initial, best_dice = self.initial_val_dice, self.best_val_dice
+        learned, text = verdict(
+            initial=initial,
+            best=best_dice,
+            best_epoch=max(self.best_epoch, 0),
+            final=final["mean"] if final else None,
+            stopped_early=stopped_early,
+            steps=self.step,
+            val_on_train=self.val_on_train,
+            paired=paired,
+        )
+        summary["learned"] = learned
+        summary["verdict"] = text
+        summary["val_dice_gain"] = best_dice - initial if initial is not None else None
+        summary["label_names"] = {str(v): n for v, n in by_value.items()}
+        summary["val_dice_per_label"] = per_label(best, by_value) if best else {}
+        summary["initial_val_dice_per_label"] = per_label(
+            start if start is not None else best or {}, by_value
+        )
+        summary["paired"] = paired
         if self.dist.is_main:
             write_json_atomic(self.summary_path, summary)
         return summary

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .atomic import atomic_path
 from .errors import UserInputError
+from .label_names import LABELS_FILE
 
 #: Folders of the app that the server writes, or Python caches: never copied, never removed.
 APP_RUNTIME_DIRS = frozenset({"model", "logs", "bin", "__pycache__"})
@@ -66,7 +67,7 @@ def sync_app(source: Path, target: Path) -> int:
 
 
 def copy_samples(source: Path | None, target: Path) -> None:
-    """Fill the new datastore ``target`` with the sample images and final labels (files only).
+    """Fill the new datastore ``target`` with the sample images, final labels and label names (files only).
 
     ``source``: a datastore folder (``*.nii.gz`` and ``labels/final/``); None or missing: the same 4
     phantoms are generated (``make-samples --count 4 --seed 0``).
@@ -80,6 +81,8 @@ def copy_samples(source: Path | None, target: Path) -> None:
                 label = source / "labels" / "final" / image.name
                 if label.is_file():
                     shutil.copy2(label, tmp / "labels" / "final" / image.name)
+            if (source / LABELS_FILE).is_file():  # the label names the app shows in Slicer
+                shutil.copy2(source / LABELS_FILE, tmp / LABELS_FILE)
         else:
             from .samples import make_samples
 

@@ -40,6 +40,7 @@ def make_datastore(root: Path) -> dict:
         shutil.copy(img, root / img.name)
         shutil.copy(SAMPLES / "labels" / "final" / img.name, root / "labels" / "final" / img.name)
     shutil.copy(images[3], root / "new_case.nii.gz")  # labelled later, through the client
+    shutil.copy(SAMPLES / "labels.json", root / "labels.json")  # liver 1, spleen 2, kidney 3
     (root / "corrupt.nii.gz").write_bytes(b"\x1f\x8b\x08\x00 this is not a gzip stream")
     names = [p.name.replace(".nii.gz", "") for p in images[:3]]
     # the image whose direction is not the identity checks geometry best
@@ -110,17 +111,32 @@ def test_info_lists_the_tasks(server):
     assert "sam_lora" in info["trainers"]
     assert m2["sam"]["random_weights"] is True and "random" in m2["sam"]["weights"]
     assert m2["sam"]["model"] == "tiny" and m2["sam"]["model_version"] == "base"
-    assert "object" in info["labels"]
+    # the datastore's label names (labels.json beside the studies), as Slicer lists them
+    assert info["labels"] == ["liver", "spleen", "kidney"]
+    assert m2["labels"] == m3["labels"] == {"liver": 1, "spleen": 2, "kidney": 3}
+    assert m2["sam"]["labels_source"] == "datastore"
+
+
+def test_the_answer_maps_the_segment_name_to_its_label_value(server):
+    name = server["labelled"][0]
+    i, j, k = object_voxel(server, name)
+    arr, _, out = slicer_infer(server, "sam_2d", name, fg=[[i, j, k]], slice_index=k, label="spleen")
+    assert out["label_names"] == {"spleen": 2}
+    assert set(np.unique(arr)) == {0, 2}  # the mask holds spleen's value in the datastore's label maps
+    arr, _, out = slicer_infer(server, "sam_3d", name, fg=[[i, j, k]], label="kidney")
+    assert out["label_names"] == {"kidney": 3} and set(np.unique(arr)) == {0, 3}
+    _, _, out = slicer_infer(server, "sam_2d", name, fg=[[i, j, k]], slice_index=k, label="Segment_1")
+    assert out["label_names"] == {"Segment_1": 4}  # a name the app does not know: a value of its own
 
 
 def test_click_answers_with_the_input_geometry_then_from_the_cache(server):
     name = server["flipped"]
     i, j, k = object_voxel(server, name)
-    arr, img, out = slicer_infer(server, "sam_2d", name, fg=[[i, j, k]], slice_index=k)
+    arr, img, out = slicer_infer(server, "sam_2d", name, fg=[[i, j, k]], slice_index=k, label="liver")
     assert_same_geometry(img, input_geometry(server, name))
     assert img.GetPixelIDTypeAsString() == "8-bit unsigned integer"
     assert arr.any(axis=(0, 1)).nonzero()[0].tolist() == [k]  # a mask, on slice k only
-    assert set(np.unique(arr)) <= {0, 1}
+    assert set(np.unique(arr)) <= {0, 1} and out["label_names"] == {"liver": 1}
     assert out["slice"] == k and out["model_version"] == "base" and out["embedding"] == "computed"
     assert out["prompt"]["foreground"] == [[i, j]]
     assert set(out["latency"]) >= {"load", "encode", "decode", "write", "total"}
@@ -278,6 +294,13 @@ def test_training_publishes_a_version_that_is_served_at_once(server):
     version = stats["version"]
     assert version and stats["current_version"] == version and version in stats["versions"]
     assert stats["summary"]["best_val_dice"] > stats["summary"]["initial_val_dice"]
+    # the status says why it was published, with the numbers; Dice per label by the datastore's names
+    assert stats["reason"].startswith("published: the gain is at least the margin 0.005")
+    assert stats["publish"]["published"] is True and stats["publish"]["gain"] >= 0.005
+    assert stats["publish"]["n"] == stats["summary"]["paired"]["n"] > 0
+    assert stats["summary"]["learned"] is True and stats["summary"]["verdict"].startswith("learned: ")
+    assert set(stats["summary"]["val_dice_per_label"]) <= {"liver", "spleen", "kidney"}
+    assert stats["summary"]["val_dice_per_label"]
     assert "new_case" in stats["cases"]  # the label saved through the client was trained on
     assert stats["total_epochs"] == 1 and "total_time" in stats
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -161,8 +162,11 @@ def test_cli_writes_a_monailabel_datastore(tmp_path, monkeypatch, capsys):
     out = tmp_path / "ds"
     assert main(["make-samples", "--out", str(out), "--count", "3", "--seed", "5"]) == 0
     assert "wrote 3 volumes" in capsys.readouterr().out
-    images = sorted(p for p in out.iterdir() if p.is_file())
+    images = sorted(out.glob("*.nii.gz"))
     labels = sorted((out / "labels" / "final").iterdir())
+    # the label names beside the volumes, as the app and preprocess read them
+    assert sorted(p.name for p in out.iterdir() if p.is_file() and p not in images) == ["labels.json"]
+    assert json.loads((out / "labels.json").read_text()) == {"liver": 1, "spleen": 2, "kidney": 3}
     assert [p.name for p in images] == [p.name for p in labels] == [f"phantom_00{n}.nii.gz" for n in range(3)]
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["labels"]
     codes = []
@@ -190,6 +194,7 @@ def test_committed_sample_volumes():
     images = sorted(p for p in COMMITTED.glob("*.nii.gz"))
     labels = sorted((COMMITTED / "labels" / "final").glob("*.nii.gz"))
     assert len(images) == 4 and [p.name for p in images] == [p.name for p in labels]
+    assert json.loads((COMMITTED / "labels.json").read_text()) == {"liver": 1, "spleen": 2, "kidney": 3}
     assert sum(p.stat().st_size for p in COMMITTED.rglob("*") if p.is_file()) <= 10 * 1024 * 1024
     codes, shapes = set(), set()
     for img_path, lab_path in zip(images, labels, strict=True):

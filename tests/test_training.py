@@ -307,7 +307,9 @@ def test_cli_runs_one_case_without_validation_split(tmp_path: Path, capsys):
     code = cli_main(["train", "--data", str(one), "--out", str(out), "--model", "tiny", "--random-weights",
                      "--val-fraction", "0", "--max-steps", "1", "--quiet"])  # fmt: skip
     assert code == 0
-    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    lines = capsys.readouterr().out.strip().splitlines()
+    printed = json.loads(lines[-2])  # the numbers; the last line is the verdict
+    assert lines[-1].startswith(("learned: ", "nothing learned: "))
     summary = json.loads((out / "summary.json").read_text())
     assert printed["steps"] == summary["steps"] == 1
     assert (

@@ -245,7 +245,11 @@ class ServedModel:
         if self.config.random_weights:
             return f"{fam.title}, seeded random weights"
         digest = fam.describe()["weights_digest"]
-        source = f"weights {digest[:19]}..." if digest and not self.config.checkpoint else "weights from --conf checkpoint"
+        source = (
+            f"weights {digest[:19]}..."
+            if digest and not self.config.checkpoint
+            else "weights from --conf checkpoint"
+        )
         return f"{fam.title} ({source}; {fam.license}; trained with prompts: {fam.prompts_trained})"
 
     def weights_note(self) -> str:
@@ -277,6 +281,8 @@ class ServedModel:
             ),
             "note": self.weights_note(),
             "window": cfg.window,
+            "labels": dict(cfg.labels),
+            "labels_source": cfg.labels_source,
             "device": str(self.device) if self.device else cfg.device,
             "torch_threads": self.torch_threads,
             "loaded": self._base is not None,

@@ -48,6 +48,15 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--points", type=int, default=1, help="foreground clicks for point prompts (default 1)")
     p.add_argument(
+        "--refine",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N corrective clicks after the first prompt, each at the centre of the largest error (foreground "
+        "in a miss, background in a leak), decoded with all clicks so far: '--prompt point --refine 2' is "
+        "3-click Dice (default 0)",
+    )
+    p.add_argument(
         "--box-jitter", type=int, default=0, help="random box jitter in pixels at 256 (default 0: tight)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts (jitter, extra clicks)")
@@ -66,7 +75,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         action="store_true",
         help="also score slices without the label, prompted from the nearest labelled slice (counts false positives)",
     )
-    p.add_argument("--labels", help="comma-separated label values to score (default: all present)")
+    p.add_argument(
+        "--labels", help="comma-separated label values or names to score, e.g. liver,3 (default: all present)"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.add_argument("--batch-prompts", type=int, default=32, help="prompts per decoder call (default 32)")
     p.add_argument(
@@ -84,7 +95,6 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation import ModelSpec, PromptSettings
     from ..models import check_image_size, check_model_name
     from ..outdir import prepare_output_dir, remove_created
-    from ..preprocess import parse_label_list
 
     check_model_name(args.model)
     check_image_size(args.image_size, args.model)
@@ -95,8 +105,10 @@ def run(args: argparse.Namespace) -> int:
             raise UserInputError(f"{flag} file not found: {value}")
     if args.baseline_model:
         check_model_name(args.baseline_model)
-    prompt = PromptSettings(kind=args.prompt, points=args.points, box_jitter=args.box_jitter, seed=args.seed)
-    labels = parse_label_list(args.labels)
+    prompt = PromptSettings(
+        kind=args.prompt, points=args.points, box_jitter=args.box_jitter, seed=args.seed, refine=args.refine
+    )
+    labels = parse_label_selection(args.labels)
     model = ModelSpec(
         name=args.model,
         checkpoint=args.checkpoint,
@@ -124,6 +136,27 @@ def run(args: argparse.Namespace) -> int:
     except UserInputError:
         remove_created(created)  # a refused evaluation leaves no empty output folder behind
         raise
+
+
+def parse_label_selection(text: str | None) -> tuple[int | str, ...] | None:
+    """``"liver,3"`` -> ``("liver", 3)``: values (1..255) and names; ``None``/empty -> ``None`` (all)."""
+    from ..errors import UserInputError
+
+    if not text:
+        return None
+    out: list[int | str] = []
+    for item in (t.strip() for t in str(text).split(",")):
+        if not item:
+            continue
+        if item.lstrip("-").isdigit():
+            if not 1 <= int(item) <= 255:
+                raise UserInputError(f"--labels values must be in 1..255, got {item}")
+            out.append(int(item))
+        else:
+            out.append(item)
+    if not out:
+        raise UserInputError(f"--labels must name labels or give their values, got {text!r}")
+    return tuple(out)
 
 
 def _evaluate(
@@ -165,9 +198,15 @@ def _evaluate(
         "slice_dice_mean": summary["overall"]["slice_dice"]["mean"],
         "volume_dice_mean": summary["overall"]["volume_dice"]["mean"],
     }
+    if summary.get("box_fill"):
+        result["box_fill_dice_mean"] = summary["box_fill"]["box_fill_slice_dice"]
+        result["model_adds_over_box_fill"] = summary["box_fill"]["model_adds"]
+    if summary["overall"].get("refine_curve"):
+        result["dice_after_each_click"] = summary["overall"]["refine_curve"]
     if summary.get("comparison"):
         result["dice_diff_mean"] = summary["comparison"]["overall"]["mean_diff"]
         result["wilcoxon_p"] = summary["comparison"]["overall"]["wilcoxon_p"]
+        result["same_as_baseline"] = summary["comparison"]["same_as_baseline"]
     print(json.dumps(result))
     return 0
 
@@ -181,10 +220,12 @@ def _preprocess_dataset(args: argparse.Namespace, out) -> tuple[list, dict]:
     from pathlib import Path
 
     from ..errors import UserInputError
+    from ..label_names import find_label_names
     from ..preprocess import PreprocessOptions, find_cases, preprocess_cases
 
     cases, layout, unlabelled = find_cases(args.dataset)
-    options = PreprocessOptions(keep_empty=1.0 if args.include_empty else 0.0)
+    names = find_label_names(args.dataset)  # labels.json beside the volumes, or a Decathlon dataset.json
+    options = PreprocessOptions(keep_empty=1.0 if args.include_empty else 0.0, label_names=names or None)
     slices_dir = out / "slices"
     manifest = preprocess_cases(
         cases,
@@ -215,14 +256,25 @@ def _print_summary(summary: dict) -> None:
     def f(v, d=3):
         return "-" if v is None else f"{v:.{d}f}"
 
+    from ..label_names import label_display
+
+    names = {int(v): n for v, n in summary.get("label_names", {}).items()}
     for label, e in summary["per_label"].items():
         c = e["counts"]
         d = e["slice_dice"]
+        fill = e.get("box_fill_slice_dice")
+        steps = e.get("refine_curve")
         print(
-            f"label {label}: slice Dice mean {f(d['mean'])} median {f(d['median'])} (n={d['n']}, "
-            f"{c['slices_skipped_empty']} slices without the label skipped, {c['slices_scored_empty']} scored empty); "
-            f"3D Dice {f(e['volume_dice']['mean'])}, HD95 {f(e['hd95_mm']['mean'], 2)} mm over {e['volumes']} volume(s)"
+            f"{label_display(int(label), names)}: slice Dice mean {f(d['mean'])} median {f(d['median'])} "
+            f"(n={d['n']}, {c['slices_skipped_empty']} slices without the label skipped, "
+            f"{c['slices_scored_empty']} scored empty)"
+            + (f", box fill {f(fill['mean'])}" if fill else "")
+            + (f", after each click {' -> '.join(f(x) for x in steps)}" if steps else "")
+            + f"; 3D Dice {f(e['volume_dice']['mean'])}, HD95 {f(e['hd95_mm']['mean'], 2)} mm over "
+            f"{e['volumes']} volume(s)"
         )
+    if summary.get("box_fill"):
+        print(summary["box_fill"]["verdict"])
     comp = summary.get("comparison")
     if comp:
         c = comp["overall"]
@@ -230,6 +282,8 @@ def _print_summary(summary: dict) -> None:
             f"vs baseline: mean Dice diff {f(c['mean_diff'], 4)}, median {f(c['median_diff'], 4)}, "
             f"wins/losses/ties {c['wins']}/{c['losses']}/{c['ties']}, Wilcoxon p {f(c['wilcoxon_p'], 4)}"
         )
+        if comp.get("same_as_baseline"):
+            print(f"SAME AS BASELINE: {comp['verdict']}")
     outs = summary.get("outputs", {})
     print(
         f"wrote {outs.get('csv')}, {outs.get('summary')}"

@@ -44,6 +44,12 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         metavar="FRACTION",
         help="fraction of label-free slices to keep as negatives (default 0: skip and count them)",
     )
+    p.add_argument(
+        "--label-names",
+        metavar="JSON",
+        help='label names {"liver": 1, ...} recorded in the slice files (default: labels.json beside the '
+        "volumes, or a Decathlon dataset.json)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for choosing kept empty slices")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="parallel processes")
     p.add_argument("--no-compress", action="store_true", help="store the .npz uncompressed (faster, larger)")
@@ -55,9 +61,14 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from ..errors import UserInputError
+    from ..label_names import find_label_names, label_display, names_by_value, read_labels_file
     from ..preprocess import CasePair, PreprocessOptions, find_cases, parse_label_list, preprocess_cases
     from ..volume import image_stem
 
+    if args.label_names:
+        names = read_labels_file(args.label_names)
+    else:
+        names = find_label_names(_path(args.image).parent if args.image else _path(args.dataset))
     options = PreprocessOptions(
         modality=args.modality,
         window=args.window,
@@ -66,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         keep_empty=args.keep_empty,
         seed=args.seed,
         compress=not args.no_compress,
+        label_names=names or None,
     )
     if args.workers < 1:
         raise UserInputError("--workers must be at least 1")
@@ -106,10 +118,12 @@ def run(args: argparse.Namespace) -> int:
             f"e.g. {first['case']}: {first['error']}"
         )
     totals = manifest["totals"]
+    by_value = names_by_value(names)
     for case in manifest["cases"]:
+        labels = ", ".join(label_display(v, by_value) for v in case["labels"])
         print(
             f"{case['case']}: kept {case['slices_kept']} of {case['slices_total']} slices "
-            f"({case['slices_skipped_empty']} empty skipped), labels {case['labels']}, {case['modality']} {case['window']['name']}"
+            f"({case['slices_skipped_empty']} empty skipped), labels {labels}, {case['modality']} {case['window']['name']}"
         )
     for bad in manifest["failed"]:
         print(f"FAILED {bad['case']}: {bad['error']}", file=sys.stderr)

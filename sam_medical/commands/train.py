@@ -10,6 +10,10 @@ Several GPUs (or CPU processes, gloo)::
 
 Ctrl-C, or a file named ``STOP`` in ``RUN_DIR``, ends the run after the current step with the best
 adapter kept; ``--resume`` continues from ``RUN_DIR/last.pt``.
+
+At the end it prints one JSON line (the main numbers of ``summary.json``) and then, as its last line, the
+verdict: ``learned: best epoch 3, validation Dice 0.712 -> 0.805 (...)`` or ``nothing learned: best epoch
+0, validation Dice 0.941 -> 0.941 (...)`` (see :mod:`sam_medical.outcome`).
 """
 
 from __future__ import annotations
@@ -72,6 +76,10 @@ def run(args: argparse.Namespace) -> int:
             "steps",
             "stopped_early",
             "adapter",
+            "learned",
+            "val_dice_per_label",
+            "verdict",
         )
         print(json.dumps({k: summary[k] for k in keys}))
+        print(summary["verdict"])  # the last line says plainly whether anything was learned
     return 0

@@ -15,7 +15,7 @@
 | ``prefetch_slices`` | ``4`` | neighbouring slices encoded in the background after a click (0: off) |
 | ``torch_threads`` | ``0`` | torch intra-op threads of the serving thread (0: half the CPU cores); background encodes use 1 |
 | ``multimask`` | ``false`` | ``auto``: for a single click, best of SAM's three masks |
-| ``labels`` | ``object`` | comma-separated label names shown in Slicer |
+| ``labels`` | (datastore) | label names shown in Slicer: ``liver,spleen`` (values 1, 2, ...) or ``liver=1,kidney=3``; default: the datastore's (``labels.json`` beside the studies, else the names its saved labels' info records), else ``object`` |
 | ``max_points`` | ``64`` | most foreground + background points accepted in one request (1..10000) |
 | ``epochs``, ``learning_rate``, ``lora_rank``, ``prompt``, ``max_steps``, ``batch_size`` | 5, 1e-4, 4, both, 0, 4 | training defaults (a train request may override them) |
 """
@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sam_medical.errors import UserInputError
+from sam_medical.label_names import check_label_names, datastore_label_names
 from sam_medical.model_registry import DEFAULT_MODEL, MODEL_NAMES, check_image_size
 from sam_medical.predictor import window_options
 from sam_medical.prompts import check_prompt_mode
@@ -95,7 +96,12 @@ class SamAppConfig:
     prefetch_slices: int = 4
     torch_threads: int = 0
     multimask: str = "false"
-    labels: tuple[str, ...] = ("object",)
+    #: ``{name: value}`` (MONAI Label's ``labels``): the segment names Slicer offers, and the value each
+    #: has in the datastore's label maps.
+    labels: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_LABELS))
+    #: Where ``labels`` came from: ``conf``, ``datastore`` or ``default``; and what was ignored there.
+    labels_source: str = "default"
+    labels_notes: tuple[str, ...] = ()
     max_points: int = 64
     epochs: int = 5
     learning_rate: float = 1e-4
@@ -116,12 +122,24 @@ class SamAppConfig:
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["labels"] = list(self.labels)
+        d["labels_notes"] = list(self.labels_notes)
         return d
 
+    def label_value(self, name: Any) -> int:
+        """The value of segment ``name`` in the label maps; a name the app does not know gets the first
+        value after the known ones (so it never reads as another organ)."""
+        if isinstance(name, str) and name in self.labels:
+            return self.labels[name]
+        return min(max(self.labels.values(), default=0) + 1, 255)
+
     @classmethod
-    def from_conf(cls, app_dir: str | os.PathLike, conf: dict[str, Any] | None) -> SamAppConfig:
+    def from_conf(
+        cls, app_dir: str | os.PathLike, conf: dict[str, Any] | None, studies: str | os.PathLike | None = None
+    ) -> SamAppConfig:
         """Parse ``--conf`` pairs; unknown keys are ignored (MONAI Label passes its own too).
+
+        ``studies``: the datastore folder; without ``--conf labels``, its label names are the labels
+        (:func:`sam_medical.label_names.datastore_label_names`).
 
         Raises:
             UserInputError: a value that cannot be used, with the accepted values.
@@ -149,9 +167,7 @@ class SamAppConfig:
         multimask = str(c.get("multimask", "false")).strip().lower()
         if multimask not in ("false", "auto"):
             raise UserInputError(f"--conf multimask must be false or auto, got {multimask!r}")
-        labels = tuple(s.strip() for s in str(c.get("labels", "object")).split(",") if s.strip()) or (
-            "object",
-        )
+        labels, source, notes = app_labels(c.get("labels"), studies)
         prompt = check_prompt_mode(str(c.get("prompt", "mixed")).strip(), "--conf prompt")
         return cls(
             app_dir=str(Path(app_dir).resolve()),
@@ -169,6 +185,8 @@ class SamAppConfig:
             torch_threads=as_int(c.get("torch_threads", 0), "--conf torch_threads", 0),
             multimask=multimask,
             labels=labels,
+            labels_source=source,
+            labels_notes=tuple(notes),
             max_points=as_int(c.get("max_points", 64), "--conf max_points", 1, maximum=10_000),
             epochs=as_int(c.get("epochs", 5), "--conf epochs", 1),
             learning_rate=as_float(c.get("learning_rate", 1e-4), "--conf learning_rate", positive=True),
@@ -177,6 +195,41 @@ class SamAppConfig:
             max_steps=as_int(c.get("max_steps", 0), "--conf max_steps", 0),
             batch_size=as_int(c.get("batch_size", 4), "--conf batch_size", 1),
         )
+
+
+DEFAULT_LABELS: dict[str, int] = {"object": 1}
+
+
+def parse_conf_labels(text: str) -> dict[str, int]:
+    """``--conf labels``: ``liver,spleen`` (values 1, 2, ... in order) or ``liver=1,kidney=3``.
+
+    Raises:
+        UserInputError: an empty list, a bad name or value, a value given twice.
+    """
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise UserInputError("--conf labels is empty; give names, e.g. liver,spleen or liver=1,kidney=3")
+    mapping: dict[str, Any] = {}
+    for pos, item in enumerate(items, start=1):
+        name, sep, value = item.partition("=")
+        mapping[name.strip()] = as_int(value, f"--conf labels value of {name.strip()!r}") if sep else pos
+    return check_label_names(mapping, "--conf labels")
+
+
+def app_labels(conf_value: Any, studies: str | os.PathLike | None) -> tuple[dict[str, int], str, list[str]]:
+    """``(labels, source, notes)``: ``--conf labels`` when given, else the datastore's label names (a local
+    ``studies`` folder), else ``{"object": 1}``."""
+    if conf_value not in (None, ""):
+        return parse_conf_labels(str(conf_value)), "conf", []
+    if (
+        studies is not None
+        and not str(studies).startswith(("http://", "https://"))
+        and Path(studies).is_dir()
+    ):
+        names, notes = datastore_label_names(studies)
+        if names:
+            return names, "datastore", notes
+    return dict(DEFAULT_LABELS), "default", []
 
 
 def build_base_model(cfg: SamAppConfig) -> tuple[Any, dict[str, Any]]:

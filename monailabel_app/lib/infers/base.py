@@ -9,6 +9,10 @@ by MONAI Label with the model's ``config`` values:
 * ``roi``: ``[i0, i1, j0, j1, k0, k1]`` (min/max per axis, possibly unordered, possibly outside);
 * ``slice``: ``k`` (2D models); ``label``: the segment name; ``reset_state``: may be present (ignored:
   the predictor keeps no per-label state);
+
+The answer's mask holds the segment's value in the datastore's label maps (``liver`` -> 1, ``spleen``
+-> 2: the app's ``labels``, see ``lib/configs/sam.py``), and ``label_names`` maps the segment name to it;
+Slicer imports the one value of the answer into the clicked segment.
 * ``result_extension`` (``.nrrd``) and ``result_dtype`` (``uint8``).
 
 A user's mistake raises :class:`fastapi.HTTPException` (422, JSON ``{"detail": "..."}``): MONAI Label's
@@ -135,7 +139,7 @@ class SamInferTask(InferTask):
     """Base of the SAM infer tasks: request checks, loading (cached), answer file, timings, errors."""
 
     def __init__(self, served: ServedModel, dimension: int, description: str, config: dict[str, Any]) -> None:
-        labels = {name: i + 1 for i, name in enumerate(served.config.labels)}
+        labels = dict(served.config.labels)  # {name: value}: /info/ lists them, Slicer offers them
         super().__init__(
             type=InferType.DEEPGROW,
             labels=labels,
@@ -192,20 +196,25 @@ class SamInferTask(InferTask):
         predictor = self.served.predictor(adapter)
         image_key, volume, load_state = self.served.volumes.load(path)
         t_load = time.perf_counter() - t0
-        label_value = 1
+        label = request.get("label")
+        label = str(label[0] if isinstance(label, list) and label else label or "") or next(
+            iter(self.served.config.labels)
+        )
+        label_value = self.served.config.label_value(label)  # the segment's value in the label maps
         with predictor.busy():  # no background encode starts while this request runs
             out, extra, on_done = self.segment(request, predictor, image_key, volume)
             t_seg = time.perf_counter()
+            if label_value != 1:  # the 0/1 mask becomes 0/value, in place (volumes can be large)
+                np.multiply(out, np.uint8(label_value), out=out)
             result = self._write(out.astype(dtype, copy=False), volume, ext)
             t_write = time.perf_counter() - t_seg
         if on_done is not None:
             on_done()
         timings = extra.pop("timings", {})
         total = time.perf_counter() - t0
-        label = request.get("label") or self.served.config.labels[0]
         answer = {
             "model_version": predictor.model_version,
-            "label_names": {str(label): label_value},
+            "label_names": {label: label_value},
             "volume": {"load": load_state, "shape": list(volume.shape)},
             "latency": {
                 "load": round(t_load, 4),

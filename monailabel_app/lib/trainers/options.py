@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from sam_medical.errors import UserInputError
+from sam_medical.outcome import DEFAULT_ALPHA, DEFAULT_MIN_ITEMS, NOISE_MARGIN, PublishRule
 from sam_medical.prompts import PROMPT_MODES, check_prompt_mode
 
 from ..configs.sam import SamAppConfig, as_bool, as_float, as_int
@@ -24,6 +25,7 @@ INT_BOUNDS: dict[str, tuple[int, int]] = {
     "batch_size": (1, 64),
     "max_steps": (0, 1_000_000),
     "val_max_items": (0, 100_000),
+    "publish_min_items": (1, 100_000),
 }
 MAX_LEARNING_RATE = 1.0
 
@@ -42,7 +44,10 @@ def train_options(request: dict[str, Any], defaults: SamAppConfig) -> dict[str, 
     """The run's options from ``request`` (missing ones from the app's ``--conf`` defaults).
 
     Returns a dict with ``epochs``, ``lr``, ``lora_rank``, ``prompt``, ``max_steps`` (None: no cap),
-    ``batch_size``, ``train_decoder``, ``val_fraction``, ``val_max_items`` (None: all) and ``publish``.
+    ``batch_size``, ``train_decoder``, ``val_fraction``, ``val_max_items`` (None: all), ``publish`` and
+    the ``if_better`` rule (:class:`sam_medical.outcome.PublishRule`): ``publish_margin`` (the least
+    validation Dice gain), ``publish_alpha`` (the significance level of the paired test) and
+    ``publish_min_items`` (fewer paired validation items: no test).
 
     Raises:
         UserInputError: naming the first option that has a wrong type or is out of bounds.
@@ -64,6 +69,11 @@ def train_options(request: dict[str, Any], defaults: SamAppConfig) -> dict[str, 
     lr = as_float(get("learning_rate", defaults.learning_rate), "learning_rate", positive=True)
     if lr > MAX_LEARNING_RATE:
         raise UserInputError(f"learning_rate must be at most {MAX_LEARNING_RATE}, got {lr}")
+    rule = PublishRule(  # checks its own bounds
+        margin=as_float(get("publish_margin", NOISE_MARGIN), "publish_margin"),
+        alpha=as_float(get("publish_alpha", DEFAULT_ALPHA), "publish_alpha"),
+        min_items=_bounded(get("publish_min_items", DEFAULT_MIN_ITEMS), "publish_min_items"),
+    )
     return {
         "epochs": _bounded(get("epochs", defaults.epochs), "epochs"),
         "lr": lr,
@@ -75,4 +85,7 @@ def train_options(request: dict[str, Any], defaults: SamAppConfig) -> dict[str, 
         "val_fraction": val_fraction,
         "val_max_items": _bounded(get("val_max_items", 200), "val_max_items") or None,
         "publish": publish,
+        "publish_margin": rule.margin,
+        "publish_alpha": rule.alpha,
+        "publish_min_items": rule.min_items,
     }

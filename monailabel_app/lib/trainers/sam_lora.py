@@ -6,13 +6,16 @@ MONAI Label runs ``POST /train/sam_lora`` in a **subprocess** (``monailabel.util
 
 1. the images with a ``final`` label (``datastore.datalist()``, including labels saved from Slicer
    through ``PUT /datastore/label``) are preprocessed with :mod:`sam_medical.preprocess` -- the same code
-   as ``sam-medical preprocess``, with the served ``window`` -- into a temporary folder inside
-   ``<app>/model/train/``;
-2. :func:`sam_medical.training.train` trains a LoRA adapter on the served base model, starting from the
-   currently served adapter when its rank matches (continual fine-tuning);
-3. the adapter is **validated**: it must have beaten the starting model's validation Dice (unless
-   ``publish`` is ``always``), load into a freshly built base model with the base check of
-   :func:`sam_medical.lora.load_adapter`, and give finite outputs;
+   as ``sam-medical preprocess``, with the served ``window`` and the app's label names -- into a
+   temporary folder inside ``<app>/model/train/``;
+2. :func:`sam_medical.training.train` trains a LoRA adapter on every label value of those maps, on the
+   served base model, starting from the currently served adapter when its rank matches (continual
+   fine-tuning); its summary gives the validation Dice per label, by name;
+3. the adapter is **validated**: with ``publish=if_better`` it is published only when its validation Dice
+   gain over the starting model is at least ``publish_margin`` and, with at least ``publish_min_items``
+   paired validation items, a one-sided Wilcoxon signed-rank test over those items is significant at
+   ``publish_alpha`` (:func:`sam_medical.outcome.publish_decision`); it must load into a freshly built
+   base model with the base check of :func:`sam_medical.lora.load_adapter`, and give finite outputs;
 4. it is published atomically as a new version (:class:`sam_medical.model_store.ModelStore`); the infer
    tasks pick it up at their next request. Earlier versions are kept.
 
@@ -20,12 +23,17 @@ The training subprocess lowers its own scheduling priority (``nice`` 10) so that
 runs keep the CPU. A failed, refused or killed run publishes nothing: the served model stays as it was. Progress goes to
 ``<app>/model/train/status.json`` (atomic rewrites), which :meth:`SamLoraTrain.stats` reads for
 ``/info/``'s ``train_stats`` (the keys Slicer's progress bar reads: ``epoch``, ``total_epochs``,
-``best_metric``, ``total_time`` when finished).
+``best_metric``, ``total_time`` when finished). When a run ends, the status says whether it was
+published and why: ``published``, ``reason`` (one sentence with the numbers), ``publish`` (the rule and
+the numbers: ``gain``, ``initial``, ``best``, ``n``, ``p_value``, ``margin``, ``alpha``, ``min_items``),
+and ``summary`` (``learned``, ``verdict``, ``val_dice_per_label``, ``initial_val_dice_per_label``,
+``paired``, ...).
 
 Request options (Slicer's options table, or the JSON body of ``POST /train/sam_lora``): ``epochs``,
-``learning_rate``, ``lora_rank``, ``prompt`` (box, points, both), ``max_steps`` (0: no cap),
+``learning_rate``, ``lora_rank``, ``prompt`` (box, point, box+point, mixed), ``max_steps`` (0: no cap),
 ``batch_size``, ``train_decoder``, ``val_fraction``, ``val_max_items`` (validation items, evenly spread;
-0: all), ``publish`` (``if_better`` or ``always``).
+0: all), ``publish`` (``if_better`` or ``always``), ``publish_margin``, ``publish_alpha``,
+``publish_min_items``.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from sam_medical.atomic import write_json_atomic
 from sam_medical.errors import UserInputError
 from sam_medical.model_store import ModelStore
+from sam_medical.outcome import DEFAULT_ALPHA, DEFAULT_MIN_ITEMS, NOISE_MARGIN, PublishRule, publish_decision
 from sam_medical.predictor import window_options
 from sam_medical.prompts import PROMPT_MODES
 
@@ -100,6 +109,9 @@ class SamLoraTrain(TrainTask):
             "val_fraction": 0.2,
             "val_max_items": 200,
             "publish": list(PUBLISH_POLICIES),
+            "publish_margin": NOISE_MARGIN,
+            "publish_alpha": DEFAULT_ALPHA,
+            "publish_min_items": DEFAULT_MIN_ITEMS,
         }
 
     # -- status (read by the server process) -----------------------------------------------------
@@ -203,7 +215,10 @@ class SamLoraTrain(TrainTask):
             )
         cases = [CasePair(image_stem(p["image"]), Path(p["image"]), Path(p["label"])) for p in pairs]
         modality, window = window_options(c.window)
-        manifest = preprocess_cases(cases, work / "npz", PreprocessOptions(modality=modality, window=window))
+        names = dict(c.labels) if c.labels_source != "default" else None  # "object" names no organ
+        manifest = preprocess_cases(
+            cases, work / "npz", PreprocessOptions(modality=modality, window=window, label_names=names)
+        )
         if not manifest["cases"]:
             raise UserInputError(f"no labelled image could be preprocessed: {manifest['failed']}")
         status.update(
@@ -259,27 +274,36 @@ class SamLoraTrain(TrainTask):
             extra={"source": "monailabel_app sam_lora", "cases": status["cases"]},
         )
         summary = train(cfg, progress=True, on_epoch=on_epoch, on_step=on_step)
-        metrics = {
-            k: summary.get(k)
-            for k in ("initial_val_dice", "best_val_dice", "best_epoch", "final_val_dice", "steps", "seconds")
-        }
-        metrics.update({"train_cases": summary.get("train_cases"), "val_cases": summary.get("val_cases")})
+        keys = (
+            "initial_val_dice",
+            "best_val_dice",
+            "best_epoch",
+            "final_val_dice",
+            "steps",
+            "seconds",
+            "train_cases",
+            "val_cases",
+            "val_items",
+            "learned",
+            "verdict",
+            "label_names",
+            "val_dice_per_label",
+            "initial_val_dice_per_label",
+            "paired",
+        )
+        metrics = {k: summary.get(k) for k in keys}
         status.update({"summary": metrics, "stage": "validating"})
         self._write_status(status)
 
-        # 3. validate
+        # 3. validate: a gain that means something (sam_medical.outcome), an adapter that loads and runs
         adapter = summary.get("adapter")
         if not adapter or not Path(adapter).is_file():
             raise UserInputError("training produced no adapter file")
-        if opts["publish"] == "if_better" and not int(summary.get("best_epoch") or 0) > 0:
-            return {
-                "published": False,
-                "version": None,
-                "reason": (
-                    f"not published: validation Dice {summary.get('best_val_dice')} did not beat the starting "
-                    f"model's {summary.get('initial_val_dice')} (publish=always publishes anyway)"
-                ),
-            }
+        rule = PublishRule(opts["publish_margin"], opts["publish_alpha"], opts["publish_min_items"])
+        decision = publish_decision(summary, opts["publish"], rule)
+        status["publish"] = decision
+        if not decision["published"]:
+            return {"published": False, "version": None, "reason": decision["reason"]}
         check = self._check_adapter(adapter, work)
 
         # 4. publish
@@ -287,7 +311,12 @@ class SamLoraTrain(TrainTask):
         self._write_status(status)
         version = self.store.publish(adapter, {**metrics, "check": check})
         logger.info(f"sam_lora: published adapter version {version} ({metrics})")
-        return {"published": True, "version": version, "best_metric": summary.get("best_val_dice") or 0.0}
+        return {
+            "published": True,
+            "version": version,
+            "reason": decision["reason"],
+            "best_metric": summary.get("best_val_dice") or 0.0,
+        }
 
     def _starting_adapter(self, rank: int, status: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
         """``(adapter path or None, current.json)``: the served adapter when it can be trained on.
