@@ -125,10 +125,10 @@ def _prompt_embeddings(
     return sparse, dense
 
 
-def _select(
+def select_masks(
     masks: torch.Tensor, iou_pred: torch.Tensor, multimask_output: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """As ``MaskDecoder.forward``: mask 0 alone, or masks 1..3."""
+    """All four mask tokens ``(P, 4, L, L)``, ``(P, 4)`` -> as ``MaskDecoder.forward``: mask 0 alone, or masks 1..3."""
     sl = slice(1, None) if multimask_output else slice(0, 1)
     return masks[:, sl], iou_pred[:, sl]
 
@@ -188,7 +188,7 @@ def decode(
     b = embeddings.shape[0]
     sparse, dense = _prompt_embeddings(sam, b, points, point_labels, boxes, mask_inputs)
     masks, iou = _predict_masks_paired(sam, embeddings, sparse, dense)
-    return _select(masks, iou, multimask_output)
+    return select_masks(masks, iou, multimask_output)
 
 
 def decode_many(
