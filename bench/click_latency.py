@@ -32,6 +32,8 @@ Usage::
 
     .venv/bin/python bench/click_latency.py [--models tiny,vit_b,medsam_lite] [--runtimes torch,onnx]
         [--during-training] [--keep DIR]
+    # on a GPU: fp32 beside fp16/bf16 autocast (prefetch and propagation then encode 8 slices a batch)
+    .venv/bin/python bench/click_latency.py --models medsam_lite --device cuda --runtimes torch,torch:fp16,torch:bf16
 """
 
 from __future__ import annotations
@@ -264,8 +266,9 @@ def bench_model(model: str, runtimes: list[str], work: Path, label: np.ndarray, 
     servers: list[Server] = []
     starts: dict[str, float] = {}
     try:
-        for runtime in runtimes:
-            app = work / f"app_{model}_{runtime}"
+        for variant in runtimes:
+            runtime, _, precision = variant.partition(":")
+            app = work / f"app_{model}_{variant.replace(':', '_')}"
             shutil.copytree(
                 REPO / "monailabel_app",
                 app,
@@ -278,13 +281,15 @@ def bench_model(model: str, runtimes: list[str], work: Path, label: np.ndarray, 
                 "prefetch_slices": str(args.prefetch),
                 "torch_threads": str(args.torch_threads),
                 "runtime": runtime,
+                "precision": precision or "fp32",
+                "device": args.device,
                 "export_dir": str(work / f"exports_{model}_{runtime}"),  # cold: the export is measured
             }
             t0 = time.perf_counter()
-            proc, url = start_server(app, work / "studies", conf, work / f"server_{model}_{runtime}.log")
-            starts[runtime] = round(time.perf_counter() - t0, 2)
+            proc, url = start_server(app, work / "studies", conf, app / "server.log")
+            starts[variant] = round(time.perf_counter() - t0, 2)
             servers.append(
-                Server(model, runtime, proc, url, module.MONAILabelClient(url, tmpdir=str(work)), label)
+                Server(model, variant, proc, url, module.MONAILabelClient(url, tmpdir=str(work)), label)
             )
         loads = [os.getloadavg()]
         first = interleaved(servers, lambda s, r: s.request(K0), 1)
@@ -299,7 +304,9 @@ def bench_model(model: str, runtimes: list[str], work: Path, label: np.ndarray, 
         walks = {}
         walk_start = max([*fresh, K0]) + 5  # slices no earlier request (or its prefetch) touched
         if walk_start + args.walk_steps > 89:
-            raise SystemExit("error: --new-slices and --walk-steps leave no untouched slices inside the organ")
+            raise SystemExit(
+                "error: --new-slices and --walk-steps leave no untouched slices inside the organ"
+            )
         for s in servers:  # one at a time: the other servers stay idle while a user "thinks"
             for other in servers:
                 other.idle()
@@ -324,6 +331,7 @@ def bench_model(model: str, runtimes: list[str], work: Path, label: np.ndarray, 
                 "prompt": "roi box" if s.box_prompts else "click",
                 "weights": "LiteMedSAM (real)" if model == "medsam_lite" else "random",
                 "volume": list(SHAPE),
+                "device": info.get("device"),
                 "torch_threads": args.torch_threads or "auto (half the cores)",
                 "load_average": [[round(x, 2) for x in la] for la in loads],
                 "server_start_s": starts[rt],
@@ -351,6 +359,7 @@ def bench_model(model: str, runtimes: list[str], work: Path, label: np.ndarray, 
             }
             if args.during_training:
                 row["during_training"] = clicks_during_training(s)
+            row["cache_load_s"] = cache_load_seconds(model, work, rt.partition(":")[0])
             rows.append(row)
         return rows
     finally:
@@ -433,8 +442,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="tiny,vit_b")
     parser.add_argument(
-        "--runtimes", default="torch,onnx", help="server runtimes side by side; the first is the baseline"
+        "--runtimes",
+        default="torch,onnx",
+        help="server runtimes side by side, RUNTIME[:PRECISION] (torch:fp16 on CUDA); the first is the baseline",
     )
+    parser.add_argument("--device", default="auto", help="server's --conf device (cuda: the GPU figures)")
     parser.add_argument(
         "--during-training", action="store_true", help="also click while a training run is in progress"
     )
@@ -473,7 +485,6 @@ def main() -> None:
         for model in [m.strip() for m in args.models.split(",") if m.strip()]:
             rows = bench_model(model, runtimes, work, label, args)
             for row in rows:
-                row["cache_load_s"] = cache_load_seconds(model, work, row["runtime"])
                 print(json.dumps(row), flush=True)
             if len(rows) > 1:
                 print(json.dumps(compare(rows)), flush=True)

@@ -20,6 +20,7 @@ Masks are the low-resolution logits > 0 on the 256 canvas. Dice is taken against
 A dataset whose folder is missing is reported as skipped. Usage::
 
     .venv/bin/python bench/runtime_agreement.py [--runtimes onnx,openvino] [--stride 2] [--work DIR]
+    .venv/bin/python bench/runtime_agreement.py --runtimes torch:cuda:fp32,torch:cuda:fp16,torch:cuda:bf16  # GPU
 """
 
 from __future__ import annotations
@@ -72,6 +73,21 @@ def prompts_for(mask: np.ndarray) -> dict[str, tuple[dict, bool]]:
         "click": (click, False),
         "click_multimask": (click, True),
     }
+
+
+def make_engine(name: str, sam, info: dict, work: Path, threads: int):
+    """``onnx`` / ``openvino``: the verified export; ``torch:DEVICE:PRECISION`` (``torch:cuda:fp16``): the
+    PyTorch model on that device under that autocast precision (the GPU path)."""
+    import copy
+
+    from sam_medical.engines import TorchEngine
+    from sam_medical.onnx_runtime import load_or_export
+
+    name = name.strip()
+    if name.startswith("torch:"):
+        _, device, precision = (name.split(":") + ["fp32"])[:3]
+        return TorchEngine(copy.deepcopy(sam).to(device), precision=precision)
+    return load_or_export(sam, work / "exports", info, backend=name, threads=threads)
 
 
 def decode_mask(engine, emb: torch.Tensor, kwargs: dict, multimask: bool) -> np.ndarray:
@@ -129,7 +145,11 @@ def summary(rows: list) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runtimes", default="onnx", help="comma-separated: onnx, openvino")
+    parser.add_argument(
+        "--runtimes",
+        default="onnx",
+        help="comma-separated: onnx, openvino; on a GPU torch:cuda:fp32, torch:cuda:fp16, ...",
+    )
     parser.add_argument("--stride", type=int, default=2, help="every n-th labelled slice (default 2)")
     parser.add_argument("--datasets", default="sts_ct,sct_t2,samples")
     parser.add_argument(
@@ -144,14 +164,14 @@ def main() -> None:
         raise SystemExit("error: --stride must be at least 1")
 
     from sam_medical.models import build_sam
-    from sam_medical.onnx_runtime import load_or_export
 
     torch.set_num_threads(args.threads)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="runtime_agreement_"))
     sam, info = build_sam("medsam_lite")
     engines = {
-        rt: load_or_export(sam, work / "exports", info, backend=rt, threads=args.threads)
-        for rt in [r.strip() for r in args.runtimes.split(",") if r.strip()]
+        rt.strip(): make_engine(rt, sam, info, work, args.threads)
+        for rt in args.runtimes.split(",")
+        if rt.strip()
     }
     command = "bench/runtime_agreement.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     print(
@@ -160,7 +180,7 @@ def main() -> None:
                 "command": command,
                 "model": "medsam_lite",
                 "load_average": os.getloadavg(),
-                "exports": {rt: e.manifest["key"][:16] for rt, e in engines.items()},
+                "engines": {rt: e.describe() for rt, e in engines.items()},
             }
         ),
         flush=True,
