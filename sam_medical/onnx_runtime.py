@@ -147,26 +147,10 @@ class PromptDecoderGraph(nn.Module):
         mask_input: torch.Tensor,
         has_mask_input: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        md = self.mask_decoder
         sparse = self._embed_points(point_coords, point_labels)
         dense = self._embed_masks(mask_input, has_mask_input)
-        p = sparse.shape[0]
-        output_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)
-        tokens = torch.cat((output_tokens.unsqueeze(0).expand(p, -1, -1), sparse), dim=1)
-        src = image_embeddings.expand(p, -1, -1, -1) + dense
-        pos = self.dense_pe.expand(p, -1, -1, -1)
-        _, c, h, w = src.shape
-        hs, src = md.transformer(src, pos, tokens)
-        iou_token_out = hs[:, 0, :]
-        mask_tokens_out = hs[:, 1 : (1 + md.num_mask_tokens), :]
-        up = md.output_upscaling(src.transpose(1, 2).reshape(p, c, h, w))
-        hyper = torch.stack(
-            [md.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in range(md.num_mask_tokens)],
-            dim=1,
-        )
-        _, c2, h2, w2 = up.shape
-        masks = (hyper @ up.reshape(p, c2, h2 * w2)).reshape(p, -1, h2, w2)
-        return masks, md.iou_prediction_head(iou_token_out)
+        embeddings = image_embeddings.expand(sparse.shape[0], -1, -1, -1)  # one image, P prompt sets
+        return sf.predict_masks_paired(self, embeddings, sparse, dense, dense_pe=self.dense_pe)
 
 
 @contextlib.contextmanager

@@ -779,6 +779,11 @@ class VolumePredictor:
                 for _ in jobs:
                     self._queue.task_done()
 
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`."""
+        return self._closed
+
     def close(self) -> None:
         """Stop the prefetch worker for good (pending slices are dropped; segmenting still works)."""
         self._closed = True

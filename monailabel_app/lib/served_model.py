@@ -213,6 +213,9 @@ class ServedModel:
 
         torch.set_num_threads(1)  # this worker thread's own setting: the clicks keep the other cores
         runtime = str(self.runtime)
+        if pred.closed:  # swapped out before its turn came: nothing to serve
+            status.update(state="dropped")
+            return
         try:
             digest, _ = export_key(self.base_info or {}, adapter, runtime)
             engine = self._engines.get(digest)
