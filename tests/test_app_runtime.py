@@ -13,6 +13,8 @@ import pytest
 from adapters import save_tiny_adapter
 from slicer_harness import REPO, running_server, slicer_infer
 
+from sam_medical.onnx_runtime import mask_dice
+
 pytestmark = pytest.mark.server
 pytest.importorskip("onnxruntime")
 
@@ -49,12 +51,12 @@ def test_runtime_onnx_through_slicers_client(tmp_path, request):
     with running_server(tmp_path, studies, conf, request, app=app) as srv:
         runtime = sam_info(srv)["runtime"]
         assert runtime["requested"] == "onnx" and runtime["serving"] == "onnx" and runtime["state"] == "ready"
-        assert runtime["source"] == "export" and runtime["verification"]["min_dice"] == 1.0
+        assert runtime["source"] == "export" and runtime["verification"]["min_dice"] >= 0.999
         digest = runtime["export_digest"]
         assert (tmp_path / "exports" / digest / "manifest.json").is_file()
         arr, _, out = slicer_infer(srv, "sam_2d", CASE, fg=[fg], slice_index=fg[2])
         assert out["cache"]["engine"] == "onnx" and out["embedding"] == "computed"
-        np.testing.assert_array_equal(arr[:, :, fg[2]] > 0, torch_mask(fg))
+        assert mask_dice(arr[:, :, fg[2]] > 0, torch_mask(fg)) >= 0.999
 
         # a published adapter is served at once, then from its own export
         save_tiny_adapter(tmp_path / "a.pt", nonzero_b=True)
