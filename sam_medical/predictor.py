@@ -17,6 +17,11 @@ byte-bounded LRU keyed by ``(image key, k, model version)``: a second click on a
 mask decoder (milliseconds) instead of the image encoder. :meth:`VolumePredictor.prefetch` encodes
 neighbouring slices in a daemon thread, so that moving to the next slice is fast too.
 
+The encoder and the decoder are run by an :class:`~sam_medical.engines.Engine` (``engine``): PyTorch
+itself by default, or the model exported to ONNX (:mod:`sam_medical.onnx_runtime`), swapped in with
+:meth:`VolumePredictor.set_engine` once verified. Engines are verified to give the same masks, so the
+embeddings cached under a model version serve whichever engine runs it.
+
 Threads: the image encoder runs under one lock (one encode at a time, whoever asks: a click or the
 prefetcher) and the mask decoder under another, so a click whose embedding is cached never waits for a
 background encode. The prefetcher does not start a new encode while a click is being served. The model
@@ -40,6 +45,7 @@ import numpy as np
 import torch
 
 from . import sam_forward as sf
+from .engines import Engine, TorchEngine
 from .errors import UserInputError
 from .geometry import SliceGeometry
 from .intensity import WINDOW_PRESETS, IntensityWindow, parse_window, resolve_window
@@ -399,6 +405,8 @@ class VolumePredictor:
         prefetch_threads: torch intra-op threads of the background encodes (the clicks keep the rest).
         decode_threads: intra-op threads of the (small) mask decoder; 1 avoids OpenMP barrier stalls
             when a background encode holds the other cores (None: leave the thread's setting).
+        engine: what runs the encoder and decoder (default: :class:`~sam_medical.engines.TorchEngine`
+            over ``sam``).
     """
 
     def __init__(
@@ -412,8 +420,12 @@ class VolumePredictor:
         prefetch_queue: int = 16,
         prefetch_threads: int = 1,
         decode_threads: int | None = 1,
+        engine: Engine | None = None,
     ) -> None:
         self.sam = sam
+        self.engine: Engine = engine if engine is not None else TorchEngine(sam)
+        emb_h, emb_w = sam.prompt_encoder.image_embedding_size
+        self._embedding_bytes = 4 * int(sam.prompt_encoder.embed_dim) * int(emb_h) * int(emb_w)  # fp32
         self.model_version = str(model_version)
         self.cache = cache if cache is not None else EmbeddingCache(256 << 20)
         self.window = window
@@ -476,11 +488,23 @@ class VolumePredictor:
     def device(self) -> torch.device:
         return self.sam.pixel_mean.device
 
+    # -- engine ---------------------------------------------------------------------------------
+    def set_engine(self, engine: Engine) -> None:
+        """Run the encoder and decoder with ``engine`` from now on (a verified export of the same model);
+        an encode or decode already running finishes with the engine it started with."""
+        self.engine = engine
+
+    @property
+    def encode_batch(self) -> int:
+        """Slices per encoder call worth batching (the engine's: 1 on the CPU)."""
+        return int(getattr(self.engine, "encode_batch", 1))
+
     # -- encoder -------------------------------------------------------------------------------
-    def _encode(self, prep: PreparedVolume, k: int) -> torch.Tensor:
-        canvas = torch.from_numpy(prep.canvas(k))[None]  # (1, 256, 256, 3) uint8
+    def _encode(self, prep: PreparedVolume, ks: Sequence[int]) -> torch.Tensor:
+        """Embeddings ``(len(ks), C, h, h)`` of slices ``ks``, in one engine call."""
+        canvas = torch.from_numpy(np.stack([prep.canvas(k) for k in ks]))  # (B, 256, 256, 3) uint8
         with torch.inference_mode():
-            emb = sf.encode(self.sam, sf.canvas_to_input(self.sam, canvas))
+            emb = self.engine.encode(sf.canvas_to_input(self.sam, canvas))
         self.encoder_calls += 1
         return emb
 
@@ -499,9 +523,37 @@ class VolumePredictor:
             emb = self.cache.peek(key)  # the prefetcher may have finished it while we waited
             if emb is not None:
                 return emb, EMBEDDING_CACHED
-            emb = self._encode(prep, k)
+            emb = self._encode(prep, [k])
             self.cache.put(key, emb)
         return emb, EMBEDDING_COMPUTED
+
+    def _embed_many(self, prep: PreparedVolume, ks: Sequence[int]) -> int:
+        """Encode the slices of ``ks`` not cached yet, ``encode_batch`` at a time; return how many."""
+        done = 0
+        with self._encode_lock:
+            todo = [
+                k
+                for k in dict.fromkeys(int(k) for k in ks)
+                if self.cache_key(prep.image_key, k) not in self.cache
+            ]
+            step = max(1, self.encode_batch)
+            for start in range(0, len(todo), step):
+                chunk = todo[start : start + step]
+                emb = self._encode(prep, chunk)
+                for i, k in enumerate(chunk):
+                    self.cache.put(
+                        self.cache_key(prep.image_key, k), emb if len(chunk) == 1 else emb[i : i + 1].clone()
+                    )
+                done += len(chunk)
+        return done
+
+    def encode_ahead(self, image_key: str, volume: Volume, ks: Iterable[int]) -> int:
+        """Encode slices ``ks`` (inside the volume, not cached yet) now, in batches of
+        :attr:`encode_batch`: what 3D propagation calls before walking onto them when batching pays
+        (on a GPU). Returns how many slices were encoded."""
+        prep = self.prepare(image_key, volume)
+        depth = volume.shape[2]
+        return self._embed_many(prep, [k for k in ks if 0 <= int(k) < depth])
 
     # -- decoder -------------------------------------------------------------------------------
     def segment_slice(
@@ -569,8 +621,7 @@ class VolumePredictor:
                 self.multimask == "auto" and boxes is None and mask_input is None and len(fg) + len(bg) == 1
             )
             with self._decode_lock, torch.inference_mode(), _intra_op_threads(self.decode_threads):
-                low, iou = sf.decode_many(
-                    self.sam,
+                low, iou = self.engine.decode(
                     emb,
                     points=points,
                     point_labels=labels,
@@ -606,8 +657,10 @@ class VolumePredictor:
     def prefetch(self, image_key: str, volume: Volume, ks: Iterable[int]) -> int:
         """Encode slices ``ks`` in a background daemon thread; return how many were queued.
 
-        Slices already cached or outside the volume are skipped. A new call cancels the slices still
-        waiting from earlier calls (the user moved on). The queue is bounded: extra slices are dropped.
+        Slices already cached or outside the volume are skipped; give ``ks`` nearest first
+        (:func:`neighbours`). A new call cancels the slices still waiting from earlier calls (the user
+        moved on). At most :meth:`prefetch_room` slices are queued (the cache budget) and the queue is
+        bounded: extra slices are dropped.
         The worker waits while a click is being served, so it never delays one by more than the
         encode already running.
         """
@@ -621,9 +674,13 @@ class VolumePredictor:
         self._drop_pending()  # the user moved on: what earlier calls queued must not fill the queue
         self._ensure_worker()
         queued = 0
+        room = self.prefetch_room()
         for k in ks:
             k = int(k)
             if not 0 <= k < k_size or self.cache_key(image_key, k) in self.cache:
+                continue
+            if queued >= room:  # within the cache budget: never evict what was just encoded
+                self.prefetch_stats.dropped += 1
                 continue
             try:
                 self._queue.put_nowait(_Job(gen, prep, k))
@@ -632,6 +689,11 @@ class VolumePredictor:
                 self.prefetch_stats.dropped += 1
         self.prefetch_stats.queued += queued
         return queued
+
+    def prefetch_room(self) -> int:
+        """How many slices a prefetch may encode within the embedding cache's budget: as many embeddings
+        as it holds, less one for the slice being clicked (so prefetching never evicts it)."""
+        return max(0, self.cache.max_bytes // self._embedding_bytes - 1)
 
     def cancel_prefetch(self) -> None:
         """Forget every slice still waiting to be encoded."""
@@ -666,35 +728,61 @@ class VolumePredictor:
             )
             self._worker.start()
 
+    def _next_jobs(self, first: _Job) -> list[_Job]:
+        """``first`` and, when the engine batches (a GPU), more waiting jobs for the same volume."""
+        jobs = [first]
+        while len(jobs) < self.encode_batch:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            jobs.append(job)
+            if job.prepared is not first.prepared:
+                break
+        return jobs
+
     def _prefetch_loop(self) -> None:
         # intra-op threads are a per-thread setting (OpenMP): background encodes use few cores and
         # leave the others to the clicks
         torch.set_num_threads(max(1, int(self.prefetch_threads)))
         while not self._stop.is_set():
             try:
-                job = self._queue.get(timeout=0.5)
+                first = self._queue.get(timeout=0.5)
             except queue.Empty:
                 continue
+            jobs = self._next_jobs(first)
             try:
-                if job.generation != self._generation:
-                    self.prefetch_stats.cancelled += 1
-                    continue
-                if self.cache_key(job.prepared.image_key, job.k) in self.cache:
-                    self.prefetch_stats.skipped += 1
+                live = []
+                for job in jobs:
+                    if job.generation != self._generation:
+                        self.prefetch_stats.cancelled += 1
+                    elif self.cache_key(job.prepared.image_key, job.k) in self.cache:
+                        self.prefetch_stats.skipped += 1
+                    else:
+                        live.append(job)
+                if not live:
                     continue
                 while self._active_clicks and not self._stop.is_set():
                     time.sleep(0.002)
                 if self._stop.is_set():
                     break
-                _, state = self._embed_prepared(job.prepared, job.k)
-                if state == EMBEDDING_COMPUTED:
-                    self.prefetch_stats.encoded += 1
-                else:
-                    self.prefetch_stats.skipped += 1
+                groups: dict[int, list[_Job]] = {}
+                for job in live:
+                    groups.setdefault(id(job.prepared), []).append(job)
+                for group in groups.values():
+                    encoded = self._embed_many(group[0].prepared, [job.k for job in group])
+                    self.prefetch_stats.encoded += encoded
+                    self.prefetch_stats.skipped += len(group) - encoded
             except Exception:  # noqa: BLE001 - a background encode must never kill the worker
-                self.prefetch_stats.skipped += 1
+                self.prefetch_stats.skipped += len(jobs)
             finally:
-                self._queue.task_done()
+                for _ in jobs:
+                    self._queue.task_done()
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`."""
+        return self._closed
 
     def close(self) -> None:
         """Stop the prefetch worker for good (pending slices are dropped; segmenting still works)."""
@@ -708,6 +796,7 @@ class VolumePredictor:
         return {
             **self.cache.stats(),
             "encoder_calls": self.encoder_calls,
+            "engine": getattr(self.engine, "name", type(self.engine).__name__),
             "prefetch": {
                 "queued": ps.queued,
                 "encoded": ps.encoded,
@@ -715,6 +804,7 @@ class VolumePredictor:
                 "dropped": ps.dropped,
                 "cancelled": ps.cancelled,
                 "pending": self._queue.qsize(),
+                "in_flight": self._queue.unfinished_tasks,
             },
         }
 

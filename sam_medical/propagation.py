@@ -17,7 +17,9 @@ Volumes are ``(I, J, K)`` in stored order; slice ``k`` is ``volume[:, :, k]`` (r
 
 Any object with ``segment_slice(image_key, volume, k, fg, bg, box, mask_input) -> (mask (I, J) bool,
 info with "iou")`` works as the predictor (:class:`sam_medical.predictor.VolumePredictor` serves), which
-is how the walk itself is tested exactly with a fixed fake predictor.
+is how the walk itself is tested exactly with a fixed fake predictor. A predictor whose
+``encode_batch`` is above 1 (PyTorch on a GPU) also gets ``encode_ahead(image_key, volume, ks)`` calls:
+the next ``encode_batch`` slices of the walk are encoded in one batch before it reaches them.
 """
 
 from __future__ import annotations
@@ -168,6 +170,10 @@ def propagate(
             entry["reason"] = reason
         per_slice.append(entry)
 
+    # engines that batch (a GPU) encode the slices ahead of the walk ``encode_batch`` at a time; on the
+    # CPU a batch is no cheaper per slice, and the walk encodes each slice as it reaches it
+    encode_ahead = getattr(predictor, "encode_ahead", None)
+    batch = int(getattr(predictor, "encode_batch", 1)) if encode_ahead is not None else 1
     first, info0 = predictor.segment_slice(image_key, volume, k0, fg, bg, box, None)
     first = np.asarray(first, dtype=bool)
     if opts.keep_overlapping and first.any():
@@ -195,6 +201,8 @@ def propagate(
                     x, y = interior_point(prev)
                     fg_k = [(y, x)]  # interior_point answers (x=j, y=i)
                 mask_in = prev_info.get("low_res_logits") if opts.use_mask_input else None
+                if batch > 1:  # a no-op while the slices ahead are cached
+                    encode_ahead(image_key, volume, range(k, k + step * batch, step))
                 mask, info = predictor.segment_slice(image_key, volume, k, fg_k, None, box_k, mask_in)
                 mask = np.asarray(mask, dtype=bool)
                 if opts.keep_overlapping:

@@ -125,21 +125,27 @@ def _prompt_embeddings(
     return sparse, dense
 
 
-def _select(
+def select_masks(
     masks: torch.Tensor, iou_pred: torch.Tensor, multimask_output: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """As ``MaskDecoder.forward``: mask 0 alone, or masks 1..3."""
+    """All four mask tokens ``(P, 4, L, L)``, ``(P, 4)`` -> as ``MaskDecoder.forward``: mask 0 alone, or masks 1..3."""
     sl = slice(1, None) if multimask_output else slice(0, 1)
     return masks[:, sl], iou_pred[:, sl]
 
 
-def _predict_masks_paired(
-    sam: Sam, embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor
+def predict_masks_paired(
+    sam: Sam,
+    embeddings: torch.Tensor,
+    sparse: torch.Tensor,
+    dense: torch.Tensor,
+    dense_pe: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``MaskDecoder.predict_masks`` with prompt set ``b`` paired with image ``b`` (no repetition).
 
     The official method repeats every image embedding once per prompt set (``P`` prompts for one image);
     here ``embeddings (B, C, h, w)``, ``sparse (B, T, C)``, ``dense (B, C, h, w)`` go through together.
+    ``dense_pe (1, C, h, w)``: the embedding grid's positional encoding, when already computed (default:
+    ``sam.prompt_encoder.get_dense_pe()``). ``sam`` needs only ``.prompt_encoder`` and ``.mask_decoder``.
     Returns all mask tokens: ``(B, 4, L, L)`` logits and ``(B, 4)`` IoU predictions.
     """
     dec = sam.mask_decoder
@@ -147,7 +153,9 @@ def _predict_masks_paired(
     output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
     tokens = torch.cat((output_tokens.unsqueeze(0).expand(b, -1, -1), sparse), dim=1)
     src = embeddings + dense
-    pos_src = sam.prompt_encoder.get_dense_pe().expand(b, -1, -1, -1)
+    if dense_pe is None:
+        dense_pe = sam.prompt_encoder.get_dense_pe()
+    pos_src = dense_pe.expand(b, -1, -1, -1)
     _, c, h, w = src.shape
     hs, src = dec.transformer(src, pos_src, tokens)
     iou_token_out = hs[:, 0, :]
@@ -187,8 +195,8 @@ def decode(
     """
     b = embeddings.shape[0]
     sparse, dense = _prompt_embeddings(sam, b, points, point_labels, boxes, mask_inputs)
-    masks, iou = _predict_masks_paired(sam, embeddings, sparse, dense)
-    return _select(masks, iou, multimask_output)
+    masks, iou = predict_masks_paired(sam, embeddings, sparse, dense)
+    return select_masks(masks, iou, multimask_output)
 
 
 def decode_many(

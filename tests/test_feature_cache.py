@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from test_training import write_case
 
 from sam_medical import lora
 from sam_medical import sam_forward as sf
 from sam_medical.feature_cache import MODE_EMBEDDING, MODE_NONE, MODE_STEM, FeatureCache
 from sam_medical.models import build_sam
-from test_training import write_case
 
 
 def test_embedding_mode_caches_in_memory_and_on_disk(tiny_sam, canvases, tmp_path):

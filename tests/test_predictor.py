@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sam_medical import sam_forward
+from sam_medical.engines import TorchEngine
 from sam_medical.errors import UserInputError
 from sam_medical.geometry import SliceGeometry
 from sam_medical.predictor import (
@@ -260,3 +261,44 @@ def test_the_latest_prefetch_wins_over_a_full_queue(tiny_sam, volume):
     assert stats["cancelled"] >= 2 and stats["dropped"] == 0 and stats["encoded"] <= 4
     pred.close()
     assert pred.prefetch("vol", volume, [0]) == 0  # closed for good
+
+
+class BatchingEngine(TorchEngine):
+    """The PyTorch engine, batching ``encode_batch`` images per call (as on a GPU), counting its calls."""
+
+    def __init__(self, sam, encode_batch: int) -> None:
+        super().__init__(sam, encode_batch=encode_batch)
+        self.batches: list[int] = []
+
+    def encode(self, images):
+        self.batches.append(len(images))
+        return super().encode(images)
+
+
+def test_prefetch_stays_within_the_cache_budget(tiny_sam, volume):
+    emb_bytes = 4 * tiny_sam.prompt_encoder.embed_dim * 16 * 16  # fp32 (C, 16, 16)
+    pred = VolumePredictor(tiny_sam, "v1", EmbeddingCache(3 * emb_bytes))
+    assert pred.prefetch_room() == 2  # three embeddings fit: the clicked slice and two neighbours
+    pred.segment_slice("vol", volume, 2, [(20, 60)])
+    assert pred.prefetch("vol", volume, neighbours(2, 4, K_SIZE)) == 2
+    assert pred.prefetch_idle(timeout=30)
+    assert pred.cache.stats()["evictions"] == 0 and pred.stats()["prefetch"]["dropped"] == 2
+    assert [k for k in range(K_SIZE) if pred.cache_key("vol", k) in pred.cache] == [1, 2, 3]
+
+
+def test_batched_encodes_give_the_same_embeddings(tiny_sam, volume):
+    engine = BatchingEngine(tiny_sam, encode_batch=3)
+    pred = VolumePredictor(tiny_sam, "v1", engine=engine)
+    assert pred.encode_batch == 3
+    assert pred.encode_ahead("vol", volume, [0, 1, 2, 3, 99]) == 4
+    assert engine.batches == [3, 1]
+    one = VolumePredictor(tiny_sam, "v1")
+    for k in range(4):
+        batched = pred.cache.peek(pred.cache_key("vol", k))
+        single, _ = one.embed("vol", volume, k)
+        torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
+    assert pred.encode_ahead("vol", volume, [1, 2]) == 0  # cached: nothing to do
+    # the prefetch worker batches too
+    pred.prefetch("vol", volume, [4, 5])
+    assert pred.prefetch_idle(timeout=30)
+    assert engine.batches[2:] in ([2], [1, 1])  # one batch unless the worker took the first job alone

@@ -163,3 +163,32 @@ def test_smoke_with_the_tiny_model(tiny_sam, use_mask_input):
         assert 6 in labelled and labelled == list(range(labelled[0], labelled[-1] + 1))
         assert labelled[0] >= 3 and labelled[-1] <= 9
     assert sum(info["embeddings"].values()) == len(info["per_slice"])
+
+
+def test_a_batching_predictor_encodes_ahead_of_the_walk():
+    """On a GPU (``encode_batch`` > 1) the walk asks for the next slices' embeddings in batches, in the
+    direction it walks; a predictor without batching is never asked."""
+
+    class Batching(FakePredictor):
+        encode_batch = 4
+
+        def encode_ahead(self, image_key, volume, ks):
+            self.ahead.append(list(ks))
+            return 0
+
+    truth = sphere()
+    fake = Batching(truth)
+    fake.ahead = []
+    propagate(
+        fake,
+        "v",
+        volume_of(truth),
+        10,
+        [(24, 30)],
+        None,
+        (20, 28, 26, 34),
+        options=PropagationOptions(min_iou=0.0),
+    )
+    assert fake.ahead[0] == [11, 12, 13, 14] and [9, 8, 7, 6] in fake.ahead
+    assert all(len(ks) == 4 for ks in fake.ahead)
+    assert not hasattr(FakePredictor(truth), "encode_ahead")

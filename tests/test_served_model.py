@@ -127,3 +127,92 @@ def test_config_errors_are_clear(tmp_path, app_lib):
         configs.SamAppConfig.from_conf(tmp_path, {"image_size": "1024"})
     cfg = configs.SamAppConfig.from_conf(tmp_path, {"model": "vit_b", "use_pretrained_model": "false"})
     assert cfg.random_weights and cfg.model_dir == tmp_path.resolve() / "model"
+
+
+def test_onnx_runtime_serves_each_version_from_its_own_verified_export(tmp_path, app_lib):
+    """``runtime onnx``: the base model runs on its export once ``load`` returns; a published adapter is
+    served at once (on PyTorch) and then from its own export (another digest), with the masks of its
+    merged PyTorch model; a restarted server loads both from the cache; a bad adapter is still refused."""
+    pytest.importorskip("onnxruntime")
+    served_mod, configs = app_lib
+    conf = {"model": "tiny", "prefetch_slices": "0", "runtime": "onnx", "torch_threads": "1"}
+    served = served_mod.ServedModel(configs.SamAppConfig.from_conf(tmp_path / "app", conf))
+    served.load()
+    base = served.runtime_status()
+    assert base["serving"] == "onnx" and base["state"] == "ready" and base["source"] == "export", base
+    assert served.describe()["runtime"]["export_digest"] == base["export_digest"]
+    vol = volume()
+    p0 = served.predictor()
+    assert p0.engine.name == "onnx"
+    torch_base = served_mod.TorchEngine(p0.sam)
+    out0 = logits(p0, vol)
+
+    make_adapter(tmp_path / "a.pt")
+    v1 = served.store.publish(tmp_path / "a.pt")
+    p1 = served.predictor()
+    assert p1.model_version == v1  # served at once
+    assert served.wait_runtime(v1, timeout=300)
+    status = served.runtime_status(v1)
+    assert status["serving"] == "onnx" and status["export_digest"] != base["export_digest"], status
+    assert p1.engine.name == "onnx"
+    out1 = logits(p1, vol)
+    assert not torch.allclose(out0, out1)
+    p1.engine = served_mod.TorchEngine(p1.sam)  # the merged PyTorch model gives the same mask
+    p1.cache.clear()
+    torch.testing.assert_close(logits(p1, vol), out1, atol=1e-4, rtol=1e-4)
+    p0.engine = torch_base
+    p0.cache.clear()
+    torch.testing.assert_close(logits(p0, vol), out0, atol=1e-4, rtol=1e-4)
+
+    make_adapter(tmp_path / "other.pt", random_weights_seed=7)  # made for another base: refused
+    bad = served.store.publish(tmp_path / "other.pt")
+    assert served.predictor().model_version == v1 and bad in served.describe()["adapter_error"]
+
+    again = served_mod.ServedModel(configs.SamAppConfig.from_conf(tmp_path / "app", {**conf, "adapter": v1}))
+    again.load()
+    assert again.runtime_status()["source"] == "cache"
+    assert again.runtime_status()["export_digest"] == status["export_digest"]
+    assert len(list((tmp_path / "app" / "model" / "exports").iterdir())) == 2
+
+
+def test_a_runtime_that_cannot_be_served_leaves_pytorch_serving(tmp_path, app_lib, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from sam_medical import onnx_runtime
+
+    served_mod, configs = app_lib
+
+    def broken(*args, **kwargs):
+        raise onnx_runtime.ExportMismatch("the exported model disagrees with PyTorch")
+
+    monkeypatch.setattr(onnx_runtime, "load_or_export", broken)
+    conf = {"model": "tiny", "prefetch_slices": "0", "runtime": "onnx"}
+    served = served_mod.ServedModel(configs.SamAppConfig.from_conf(tmp_path / "app", conf))
+    served.load()
+    status = served.describe()["runtime"]
+    assert status["state"] == "failed" and status["serving"] == "torch" and "disagrees" in status["error"]
+    assert served.predictor().engine.name == "torch"
+    mask, _ = served.predictor().segment_slice("vol", volume(), 2, [(20, 20)])
+    assert mask.shape == (48, 40)
+
+
+def test_runtime_options_at_start(tmp_path, app_lib):
+    served_mod, configs = app_lib
+    with pytest.raises(UserInputError, match="--conf runtime must be one of"):
+        configs.SamAppConfig.from_conf(tmp_path, {"runtime": "tensorrt"})
+    with pytest.raises(UserInputError, match="--conf precision must be one of"):
+        configs.SamAppConfig.from_conf(tmp_path, {"precision": "int4"})
+    cfg = configs.SamAppConfig.from_conf(tmp_path, {"model": "tiny", "precision": "bf16", "device": "cpu"})
+    with pytest.raises(UserInputError, match="precision bf16 runs on CUDA only"):
+        served_mod.ServedModel(cfg).load()
+    cfg = configs.SamAppConfig.from_conf(
+        tmp_path, {"model": "tiny", "runtime": "torch", "prefetch_slices": "0"}
+    )
+    served = served_mod.ServedModel(cfg)
+    served.load()
+    assert served.describe()["runtime"] == {
+        "requested": "torch",
+        "runtime": "torch",
+        "serving": "torch",
+        "state": "ready",
+    }
+    assert not (tmp_path / "model" / "exports").exists()

@@ -11,6 +11,15 @@
   cache whose keys hold the version;
 * a cache of loaded volumes (:class:`~sam_medical.predictor.VolumeCache`).
 
+Runtime (``--conf runtime``): every predictor starts on PyTorch (:class:`~sam_medical.engines.TorchEngine`).
+With ``onnx``/``openvino`` (``auto`` on the CPU), a background worker then loads the version's export
+from the cache, or exports, verifies and caches it (:func:`sam_medical.onnx_runtime.load_or_export`: the
+digest covers the base weights, the adapter file, the exporter and runtime versions), and swaps it into
+the predictor. At server start :meth:`ServedModel.load` waits for it, so the first click already runs
+the export; after a hot swap the new version answers at once on PyTorch (identical masks) and moves to its
+export when that is ready. An export that cannot be made or disagrees with PyTorch is not served: the
+version stays on PyTorch and ``/info/`` says why (``runtime.error``).
+
 Hot swap: at every request :meth:`ServedModel.predictor` compares ``current.json``'s ``(mtime, size)``
 with what it last saw (one ``stat``). When it changed, the new version is loaded into a **new** model
 object and predictor, then swapped in; a request already running keeps the predictor it started with.
@@ -22,15 +31,18 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import queue
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from sam_medical import lora, sam_forward
 from sam_medical.device import resolve_device
+from sam_medical.engines import TorchEngine, resolve_runtime
 from sam_medical.errors import UserInputError, library_detail
 from sam_medical.model_registry import get_family
 from sam_medical.model_store import NO_ADAPTER, ModelStore, check_version_id
@@ -43,6 +55,38 @@ logger = logging.getLogger(__name__)
 BASE_VERSION = "base"
 #: Versions asked for explicitly by a request (``adapter`` param), kept besides the current one.
 EXTRA_VERSIONS = 2
+#: Exported engines kept in memory (current, extra and recently served versions).
+KEPT_ENGINES = 4
+
+
+class BackgroundJobs:
+    """One daemon thread running submitted callables in order (a server exit never waits for it)."""
+
+    def __init__(self, name: str) -> None:
+        self._queue: queue.Queue[tuple[Callable[[], None], threading.Event]] = queue.Queue()
+        self._name = name
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[[], None]) -> threading.Event:
+        """Queue ``fn``; the returned event is set when it has run (``fn`` must not raise)."""
+        done = threading.Event()
+        self._queue.put((fn, done))
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+                self._thread.start()
+        return done
+
+    def _loop(self) -> None:
+        while True:
+            fn, done = self._queue.get()
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - the worker must survive; fn reports its own errors
+                logger.exception(f"sam_medical: background job failed in {self._name}")
+            finally:
+                done.set()
 
 
 def serving_threads(requested: int, device: torch.device) -> int:
@@ -78,6 +122,11 @@ class ServedModel:
         self.adapter_error: str | None = None
         self.load_seconds: float | None = None
         self.torch_threads: int | None = None
+        self.runtime: str | None = None  # resolved at load: torch, onnx or openvino
+        self._runtime_status: dict[str, dict[str, Any]] = {}  # per version: what serves it, export state
+        self._runtime_done: dict[str, threading.Event] = {}
+        self._engines: OrderedDict[str, Any] = OrderedDict()  # export digest -> engine
+        self._exporter = BackgroundJobs("sam-medical-export")
 
     # -- building ------------------------------------------------------------------------------
     def load(self) -> None:
@@ -91,6 +140,7 @@ class ServedModel:
                 cfg = self.config
                 t0 = time.perf_counter()
                 self.device = resolve_device(cfg.device)
+                self.runtime = resolve_runtime(cfg.runtime, self.device, cfg.precision)
                 self.torch_threads = serving_threads(cfg.torch_threads, self.device)
                 torch.set_num_threads(self.torch_threads)  # an OpenMP per-thread setting: this serving thread
                 try:
@@ -111,6 +161,7 @@ class ServedModel:
                     picked = self.store.select(cfg.adapter)  # raises for unknown/bad ids
                     logger.info(f"sam_medical: --conf adapter {cfg.adapter} selected: {picked}")
             self._follow_current()
+        self.wait_runtime()  # the first click runs on the export (loaded from the cache, or made now)
 
     @staticmethod
     def _warm_up(sam: Any) -> bool:
@@ -130,14 +181,92 @@ class ServedModel:
     def _base_predictor(self) -> VolumePredictor:
         return self._make_predictor(self._base, BASE_VERSION)
 
-    def _make_predictor(self, sam: Any, version: str) -> VolumePredictor:
-        return VolumePredictor(
+    def _make_predictor(
+        self, sam: Any, version: str, adapter: dict[str, Any] | None = None
+    ) -> VolumePredictor:
+        """A predictor on PyTorch; with an exported runtime, its export is attached in the background.
+
+        ``adapter``: ``{"version", "sha256"}`` of the merged adapter file (None for the base model).
+        """
+        pred = VolumePredictor(
             sam,
             version,
             self.cache,
             window=self.config.window,
             multimask="auto" if self.config.multimask == "auto" else False,
+            engine=TorchEngine(sam, precision=self.config.precision),
         )
+        status: dict[str, Any] = {"runtime": self.runtime, "serving": "torch", "state": "ready"}
+        if self.runtime in ("onnx", "openvino"):
+            status["state"] = "exporting"
+            self._runtime_done[version] = self._exporter.submit(
+                lambda: self._attach_export(pred, adapter, status)
+            )
+        self._runtime_status[version] = status
+        return pred
+
+    def _attach_export(
+        self, pred: VolumePredictor, adapter: dict[str, Any] | None, status: dict[str, Any]
+    ) -> None:
+        """Background: the predictor's export from the cache, or exported + verified now; swapped in."""
+        from sam_medical.onnx_runtime import export_key, load_or_export
+
+        torch.set_num_threads(1)  # this worker thread's own setting: the clicks keep the other cores
+        runtime = str(self.runtime)
+        if pred.closed:  # swapped out before its turn came: nothing to serve
+            status.update(state="dropped")
+            return
+        try:
+            digest, _ = export_key(self.base_info or {}, adapter, runtime)
+            engine = self._engines.get(digest)
+            if engine is None:
+                engine = load_or_export(
+                    pred.sam,
+                    self.config.exports_dir,
+                    self.base_info or {},
+                    adapter,
+                    backend=runtime,
+                    threads=self.torch_threads or 1,
+                )
+            self._engines[digest] = engine
+            self._engines.move_to_end(digest)
+            while len(self._engines) > KEPT_ENGINES:
+                self._engines.popitem(last=False)
+        except Exception as exc:  # noqa: BLE001 - any failure: the version stays on PyTorch
+            status.update(
+                state="failed", error=f"{type(exc).__name__}: {library_detail(exc)}; serving with torch"
+            )
+            logger.error(
+                f"sam_medical: runtime {runtime} for version {pred.model_version} failed: {status['error']}"
+            )
+            return
+        pred.set_engine(engine)
+        manifest = engine.manifest
+        status.update(
+            state="ready",
+            serving=engine.name,
+            export_digest=digest,
+            source=manifest.get("source"),
+            seconds=manifest.get("load_s"),
+            timings=manifest.get("timings"),
+            verification=manifest.get("verification"),
+            error=None,
+        )
+        logger.info(
+            f"sam_medical: version {pred.model_version} now runs on {engine.name} "
+            f"(export {digest[:12]}, {manifest.get('source')}, {manifest.get('load_s')} s)"
+        )
+
+    def wait_runtime(self, version: str | None = None, timeout: float | None = None) -> bool:
+        """Wait until ``version`` (default: the current one) runs on its runtime, or failed to; True when done."""
+        version = version or self.current_version
+        done = self._runtime_done.get(version) if version else None
+        return True if done is None else done.wait(timeout)
+
+    def runtime_status(self, version: str | None = None) -> dict[str, Any]:
+        """``{"requested", "runtime", "serving", "state", "export_digest", ...}`` of ``version`` (default current)."""
+        version = version or self.current_version
+        return {"requested": self.config.runtime, **self._runtime_status.get(version or "", {})}
 
     def _load_version(self, version: str) -> VolumePredictor:
         """A new model object: the base copied, adapter ``version`` loaded (checked) and merged.
@@ -161,7 +290,12 @@ class ServedModel:
         logger.info(
             f"sam_medical: adapter {version} loaded (rank {meta['rank']}, val_dice {meta.get('val_dice')})"
         )
-        return self._make_predictor(sam, version)
+        adapter = None
+        if self.runtime in ("onnx", "openvino"):
+            from sam_medical.onnx_runtime import adapter_identity
+
+            adapter = adapter_identity(path, version)
+        return self._make_predictor(sam, version, adapter)
 
     def _follow_current(self) -> None:
         """Swap in the version ``current.json`` names, if it changed since the last look.
@@ -285,6 +419,8 @@ class ServedModel:
             "labels_source": cfg.labels_source,
             "device": str(self.device) if self.device else cfg.device,
             "torch_threads": self.torch_threads,
+            "runtime": self.runtime_status(),
+            "prefetch": self._current.stats()["prefetch"] if self._current is not None else None,
             "loaded": self._base is not None,
             "model_version": self.current_version,
             "adapter_error": self.adapter_error,

@@ -13,7 +13,10 @@
 | ``embedding_cache_mb`` | ``512`` | memory for cached slice embeddings |
 | ``volume_cache_mb`` | ``2048`` | memory for loaded volumes |
 | ``prefetch_slices`` | ``4`` | neighbouring slices encoded in the background after a click (0: off) |
-| ``torch_threads`` | ``0`` | torch intra-op threads of the serving thread (0: half the CPU cores); background encodes use 1 |
+| ``torch_threads`` | ``0`` | intra-op threads of the serving thread and of the ONNX Runtime / OpenVINO sessions (0: half the CPU cores); background encodes use 1 |
+| ``runtime`` | ``auto`` | what runs the model for clicks: ``torch``, ``onnx`` (ONNX Runtime, CPU), ``openvino`` (OpenVINO encoder, optional extra), or ``auto`` (``onnx`` on the CPU, ``torch`` on CUDA); exports are verified against PyTorch and cached by digest |
+| ``precision`` | ``fp32`` | ``fp16`` or ``bf16``: autocast of runtime ``torch`` on CUDA only (not measured; fails agreement on the CPU) |
+| ``export_dir`` | ``<app>/model/exports`` | cache of the ONNX exports (one folder per weights digest, adapter and versions) |
 | ``multimask`` | ``false`` | ``auto``: for a single click, best of SAM's three masks |
 | ``labels`` | (datastore) | label names shown in Slicer: ``liver,spleen`` (values 1, 2, ...) or ``liver=1,kidney=3``; default: the datastore's (``labels.json`` beside the studies, else the names its saved labels' info records), else ``object`` |
 | ``max_points`` | ``64`` | most foreground + background points accepted in one request (1..10000) |
@@ -28,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sam_medical.engines import check_precision, check_runtime
 from sam_medical.errors import UserInputError
 from sam_medical.label_names import check_label_names, datastore_label_names
 from sam_medical.model_registry import DEFAULT_MODEL, MODEL_NAMES, check_image_size
@@ -95,6 +99,9 @@ class SamAppConfig:
     volume_cache_mb: int = 2048
     prefetch_slices: int = 4
     torch_threads: int = 0
+    runtime: str = "auto"
+    precision: str = "fp32"
+    export_dir: str | None = None
     multimask: str = "false"
     #: ``{name: value}`` (MONAI Label's ``labels``): the segment names Slicer offers, and the value each
     #: has in the datastore's label maps.
@@ -114,6 +121,11 @@ class SamAppConfig:
     def model_dir(self) -> Path:
         """``<app>/model``: official checkpoints, adapter versions, training runs."""
         return Path(self.app_dir) / "model"
+
+    @property
+    def exports_dir(self) -> Path:
+        """Where ONNX exports are cached: ``export_dir``, or ``<app>/model/exports``."""
+        return Path(self.export_dir) if self.export_dir else self.model_dir / "exports"
 
     @property
     def random_weights(self) -> bool:
@@ -169,6 +181,9 @@ class SamAppConfig:
             raise UserInputError(f"--conf multimask must be false or auto, got {multimask!r}")
         labels, source, notes = app_labels(c.get("labels"), studies)
         prompt = check_prompt_mode(str(c.get("prompt", "mixed")).strip(), "--conf prompt")
+        export_dir = c.get("export_dir") or None
+        if export_dir is not None:
+            export_dir = str(Path(str(export_dir)).expanduser().resolve())
         return cls(
             app_dir=str(Path(app_dir).resolve()),
             model=model,
@@ -183,6 +198,9 @@ class SamAppConfig:
             volume_cache_mb=as_int(c.get("volume_cache_mb", 2048), "--conf volume_cache_mb", 0),
             prefetch_slices=as_int(c.get("prefetch_slices", 4), "--conf prefetch_slices", 0),
             torch_threads=as_int(c.get("torch_threads", 0), "--conf torch_threads", 0),
+            runtime=check_runtime(c.get("runtime", "auto"), "--conf runtime"),
+            precision=check_precision(c.get("precision", "fp32"), "--conf precision"),
+            export_dir=export_dir,
             multimask=multimask,
             labels=labels,
             labels_source=source,
