@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "sample_volumes"
 #: A fast run: tiny random model, 2 steps per epoch, few validation items.
 FAST = ["--model", "tiny", "--random-weights", "--batch-size", "2", "--val-max-items", "4", "--quiet"]
+FAST += ["--lora-rank", "4", "--no-train-decoder"]  # adapters with LoRA tensors, which these tests damage
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +150,7 @@ def test_a_run_folder_never_mixes_two_runs(npz, tmp_path, capsys):
 
     cfg = TrainConfig(
         data=str(npz), out=str(run), model="tiny", random_weights=True, batch_size=2, val_max_items=4,
-        epochs=1, max_steps=3, overwrite=True,
+        epochs=1, max_steps=3, overwrite=True, lora_rank=4, train_decoder=False,
     )  # fmt: skip
     with pytest.raises(Killed):
         Trainer(cfg, progress=False, on_step=kill).run()

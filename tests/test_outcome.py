@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_training import _cfg, write_case
+from test_training import LORA_ARGS, _cfg, write_case
 
 from sam_medical import lora
 from sam_medical.cli import main as cli_main
@@ -77,7 +77,7 @@ def test_a_run_that_learns_nothing_says_so_in_summary_and_last_cli_line(
     out = tmp_path / "run"
     # a learning rate so small that no weight moves: every epoch validates exactly as the start
     argv = ["train", "--data", str(named_dir), "--out", str(out), "--model", "tiny", "--random-weights"]
-    argv += ["--epochs", "2", "--lr", "1e-30", "--batch-size", "4", "--val-fraction", "0.25", "--quiet"]
+    argv += ["--epochs", "2", "--lr", "1e-30", "--batch-size", "4", "--val-fraction", "0.25", "--quiet", *LORA_ARGS]
     assert cli_main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     summary = json.loads((out / "summary.json").read_text())

@@ -57,10 +57,18 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
+#: The engine tests train LoRA on the encoder with box prompts and no step cap, whatever the default recipe
+#: (decoder only, mixed prompts, 100 steps) is; ``LORA_ARGS`` is the same on the command line.
+LORA = dict(lora_rank=4, train_decoder=False, prompt="box", num_points=1, num_bg_points=0, max_steps=None)
+LORA_ARGS = ["--lora-rank", "4", "--no-train-decoder", "--prompt", "box", "--num-points", "1"]
+LORA_ARGS += ["--num-bg-points", "0", "--max-steps", "0"]
+
+
 def _cfg(data: Path, out: Path, **kw) -> TrainConfig:
     base = dict(
-        data=str(data), out=str(out), model="tiny", random_weights=True, batch_size=2, val_fraction=0.25
-    )
+        data=str(data), out=str(out), model="tiny", random_weights=True, batch_size=2, val_fraction=0.25,
+        **LORA,
+    )  # fmt: skip
     base.update(kw)
     return TrainConfig(**base)
 
@@ -208,7 +216,7 @@ def test_ddp_two_processes_end_with_identical_adapters(data_dir: Path, tmp_path:
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
         "--master_port", str(free_port()), "-m", "sam_medical.cli", "train", "--data", str(data_dir),
         "--out", str(out), "--model", "tiny", "--random-weights", "--max-steps", "3", "--batch-size", "2",
-        "--lr", "1e-2", "--quiet",
+        "--lr", "1e-2", "--quiet", *LORA_ARGS[:-2],
     ]  # fmt: skip
     for _attempt in range(2):  # the free port can be taken between choosing and binding it: then once more
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
@@ -231,7 +239,7 @@ def test_ddp_two_processes_end_with_identical_adapters(data_dir: Path, tmp_path:
 def _cli(args: list[str], capsys) -> tuple[int, str]:
     if "--model" not in args:  # these runs are about the CLI, on the small random model
         args = ["--model", "tiny", *args]
-    code = cli_main(["train", *args, "--quiet"])
+    code = cli_main(["train", *LORA_ARGS, *args, "--quiet"])
     err = capsys.readouterr().err.strip()
     return code, err
 

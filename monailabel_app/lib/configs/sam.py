@@ -20,7 +20,7 @@
 | ``multimask`` | ``false`` | ``auto``: for a single click, best of SAM's three masks |
 | ``labels`` | (datastore) | label names shown in Slicer: ``liver,spleen`` (values 1, 2, ...) or ``liver=1,kidney=3``; default: the datastore's (``labels.json`` beside the studies, else the names its saved labels' info records), else ``object`` |
 | ``max_points`` | ``64`` | most foreground + background points accepted in one request (1..10000) |
-| ``epochs``, ``learning_rate``, ``lora_rank``, ``prompt``, ``max_steps``, ``batch_size`` | 5, 1e-4, 4, both, 0, 4 | training defaults (a train request may override them) |
+| ``epochs``, ``learning_rate``, ``lora_rank``, ``train_decoder``, ``prompt``, ``max_steps``, ``batch_size`` | ``sam-medical train``'s | training defaults (a train request may override them): the measured recipe of :mod:`sam_medical.train_config` (``lora_rank`` 0 with ``train_decoder``: the mask decoder alone, on cached embeddings) |
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from sam_medical.label_names import check_label_names, datastore_label_names
 from sam_medical.model_registry import DEFAULT_MODEL, MODEL_NAMES, check_image_size
 from sam_medical.predictor import window_options
 from sam_medical.prompts import check_prompt_mode
+from sam_medical.train_config import default as recipe_default
 
 TRUE = ("1", "true", "yes", "on")
 FALSE = ("0", "false", "no", "off")
@@ -110,12 +111,14 @@ class SamAppConfig:
     labels_source: str = "default"
     labels_notes: tuple[str, ...] = ()
     max_points: int = 64
-    epochs: int = 5
-    learning_rate: float = 1e-4
-    lora_rank: int = 4
-    prompt: str = "mixed"
-    max_steps: int = 0
-    batch_size: int = 4
+    # training defaults: sam-medical train's (the measured recipe); max_steps 0 means no cap
+    epochs: int = recipe_default("epochs")
+    learning_rate: float = recipe_default("lr")
+    lora_rank: int = recipe_default("lora_rank")
+    train_decoder: bool = recipe_default("train_decoder")
+    prompt: str = recipe_default("prompt")
+    max_steps: int = recipe_default("max_steps") or 0
+    batch_size: int = recipe_default("batch_size")
 
     @property
     def model_dir(self) -> Path:
@@ -180,7 +183,7 @@ class SamAppConfig:
         if multimask not in ("false", "auto"):
             raise UserInputError(f"--conf multimask must be false or auto, got {multimask!r}")
         labels, source, notes = app_labels(c.get("labels"), studies)
-        prompt = check_prompt_mode(str(c.get("prompt", "mixed")).strip(), "--conf prompt")
+        prompt = check_prompt_mode(str(c.get("prompt", cls.prompt)).strip(), "--conf prompt")
         export_dir = c.get("export_dir") or None
         if export_dir is not None:
             export_dir = str(Path(str(export_dir)).expanduser().resolve())
@@ -206,12 +209,15 @@ class SamAppConfig:
             labels_source=source,
             labels_notes=tuple(notes),
             max_points=as_int(c.get("max_points", 64), "--conf max_points", 1, maximum=10_000),
-            epochs=as_int(c.get("epochs", 5), "--conf epochs", 1),
-            learning_rate=as_float(c.get("learning_rate", 1e-4), "--conf learning_rate", positive=True),
-            lora_rank=as_int(c.get("lora_rank", 4), "--conf lora_rank", 1),
+            epochs=as_int(c.get("epochs", cls.epochs), "--conf epochs", 1),
+            learning_rate=as_float(
+                c.get("learning_rate", cls.learning_rate), "--conf learning_rate", positive=True
+            ),
+            lora_rank=as_int(c.get("lora_rank", cls.lora_rank), "--conf lora_rank", 0),
+            train_decoder=as_bool(c.get("train_decoder", cls.train_decoder), "--conf train_decoder"),
             prompt=prompt,
-            max_steps=as_int(c.get("max_steps", 0), "--conf max_steps", 0),
-            batch_size=as_int(c.get("batch_size", 4), "--conf batch_size", 1),
+            max_steps=as_int(c.get("max_steps", cls.max_steps), "--conf max_steps", 0),
+            batch_size=as_int(c.get("batch_size", cls.batch_size), "--conf batch_size", 1),
         )
 
 

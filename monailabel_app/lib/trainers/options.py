@@ -21,7 +21,7 @@ PROMPTS = PROMPT_MODES
 #: Inclusive bounds of the integer options.
 INT_BOUNDS: dict[str, tuple[int, int]] = {
     "epochs": (1, 1000),
-    "lora_rank": (1, 64),
+    "lora_rank": (0, 64),
     "batch_size": (1, 64),
     "max_steps": (0, 1_000_000),
     "val_max_items": (0, 100_000),
@@ -74,14 +74,18 @@ def train_options(request: dict[str, Any], defaults: SamAppConfig) -> dict[str, 
         alpha=as_float(get("publish_alpha", DEFAULT_ALPHA), "publish_alpha"),
         min_items=_bounded(get("publish_min_items", DEFAULT_MIN_ITEMS), "publish_min_items"),
     )
+    lora_rank = _bounded(get("lora_rank", defaults.lora_rank), "lora_rank")
+    train_decoder = as_bool(get("train_decoder", defaults.train_decoder), "train_decoder")
+    if lora_rank == 0 and not train_decoder:
+        raise UserInputError("lora_rank 0 trains no LoRA: set train_decoder true, or nothing would train")
     return {
         "epochs": _bounded(get("epochs", defaults.epochs), "epochs"),
         "lr": lr,
-        "lora_rank": _bounded(get("lora_rank", defaults.lora_rank), "lora_rank"),
+        "lora_rank": lora_rank,
         "prompt": prompt,
         "max_steps": _bounded(get("max_steps", defaults.max_steps), "max_steps") or None,
         "batch_size": _bounded(get("batch_size", defaults.batch_size), "batch_size"),
-        "train_decoder": as_bool(get("train_decoder", False), "train_decoder"),
+        "train_decoder": train_decoder,
         "val_fraction": val_fraction,
         "val_max_items": _bounded(get("val_max_items", 200), "val_max_items") or None,
         "publish": publish,

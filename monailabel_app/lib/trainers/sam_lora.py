@@ -1,4 +1,5 @@
-"""``sam_lora``: LoRA fine-tuning on the datastore's final labels, validated, published as a new version.
+"""``sam_lora``: fine-tuning (the default recipe: the mask decoder; LoRA too with ``lora_rank`` > 0) on the
+datastore's final labels, validated, published as a new version.
 
 MONAI Label runs ``POST /train/sam_lora`` in a **subprocess** (``monailabel.utils.async_tasks``:
 ``python -m monailabel.interfaces.utils.app -m train``), which builds the app again and calls this task.
@@ -87,8 +88,9 @@ class SamLoraTrain(TrainTask):
 
     def __init__(self, config: SamAppConfig) -> None:
         super().__init__(
-            f"LoRA fine-tuning of {config.model}'s image encoder on the final labels; published as a new "
-            "adapter version that the infer tasks serve at their next request"
+            f"Fine-tuning of {config.model} on the final labels (default: the mask decoder on cached "
+            "embeddings; lora_rank > 0 adds LoRA on the image encoder); published as a new adapter version "
+            "that the infer tasks serve at their next request"
         )
         self.app_config = config
         train_options({}, config)  # the --conf training defaults must be a valid request themselves
@@ -105,7 +107,7 @@ class SamLoraTrain(TrainTask):
             "prompt": [c.prompt, *[p for p in PROMPT_MODES if p != c.prompt]],
             "max_steps": c.max_steps,
             "batch_size": c.batch_size,
-            "train_decoder": False,
+            "train_decoder": c.train_decoder,
             "val_fraction": 0.2,
             "val_max_items": 200,
             "publish": list(PUBLISH_POLICIES),
