@@ -297,6 +297,7 @@ def test_training_leaves_the_base_weights_bit_identical(tmp_path):
         val_max_items=1,
         val_fraction=0.5,
         prompt="mixed",
+        lora_rank=4,
         train_decoder=True,
         lr=1e-3,
     )
