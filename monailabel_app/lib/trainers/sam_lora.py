@@ -9,7 +9,8 @@ MONAI Label runs ``POST /train/sam_lora`` in a **subprocess** (``monailabel.util
    through ``PUT /datastore/label``) are preprocessed with :mod:`sam_medical.preprocess` -- the same code
    as ``sam-medical preprocess``, with the served ``window`` and the app's label names -- into a
    temporary folder inside ``<app>/model/train/``;
-2. :func:`sam_medical.training.train` trains a LoRA adapter on every label value of those maps, on the
+2. :func:`sam_medical.training.train` trains an adapter (the recipe's mask decoder; LoRA too with
+   ``lora_rank`` > 0) on every label value of those maps, on the
    served base model, starting from the currently served adapter when its rank matches (continual
    fine-tuning); its summary gives the validation Dice per label, by name;
 3. the adapter is **validated**: with ``publish=if_better`` it is published only when its validation Dice
