@@ -146,15 +146,7 @@ def score_start_and_best(
         import torch.distributed as tdist
 
         tdist.barrier()
-    model, base_info = build_sam(
-        config.model,
-        image_size=config.image_size,
-        checkpoint=config.checkpoint,
-        random_weights=config.random_weights,
-        seed=config.seed,
-        cache_dir=config.cache_dir,
-        download=config.download,
-    )
+    model, base_info = build_sam(config.model, **config.model_kwargs())
     if config.adapter_init:
         lora.load_adapter(model, config.adapter_init, base_info=base_info)
 

@@ -175,6 +175,18 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def model_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`sam_medical.models.build_sam` for this run's base model (with
+        ``self.model`` as its name): the trainer and the end-of-run scoring build the same base."""
+        return {
+            "image_size": self.image_size,
+            "checkpoint": self.checkpoint,
+            "random_weights": self.random_weights,
+            "seed": self.seed,
+            "cache_dir": self.cache_dir,
+            "download": self.download,
+        }
+
     def val_kinds(self) -> list[str]:
         """The deterministic prompt kinds validated for this training mode (``mixed``: box and point)."""
         return ["box", "point"] if self.prompt == "mixed" else [self.prompt]

@@ -559,15 +559,7 @@ class Trainer:
 
         # model
         init_meta = lora.read_adapter_meta(cfg.adapter_init) if cfg.adapter_init else None
-        sam, self.base_info = build_sam(
-            cfg.model,
-            image_size=cfg.image_size,
-            checkpoint=cfg.checkpoint,
-            random_weights=cfg.random_weights,
-            seed=cfg.seed,
-            cache_dir=cfg.cache_dir,
-            download=cfg.download,
-        )
+        sam, self.base_info = build_sam(cfg.model, **cfg.model_kwargs())
         self.blocks = (
             lora.inject_lora(sam, rank=cfg.lora_rank, alpha=cfg.lora_alpha, blocks=cfg.lora_blocks, seed=cfg.seed)
             if cfg.lora_rank > 0
