@@ -104,7 +104,7 @@ def synthetic_ct(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def write_datastore(root: Path) -> np.ndarray:
     """Write ``root/ct.nii.gz`` and ``root/labels/final/ct.nii.gz``; return the label ``(I, J, K)``."""
-    from sam_medical.volume import Volume, write_volume
+    from sam_medical.volume.io import Volume, write_volume
 
     image, label = synthetic_ct()
     ref = Volume(image, SPACING, (-190.0, -190.0, -400.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
@@ -371,8 +371,8 @@ def cache_load_seconds(model: str, work: Path, runtime: str) -> float | None:
     """Seconds to load the export the server made from its cache (what a restart costs), in process."""
     if runtime not in ("onnx", "openvino"):
         return None
-    from sam_medical.models import build_sam
-    from sam_medical.onnx_runtime import load_or_export
+    from sam_medical.inference.onnx_runtime import load_or_export
+    from sam_medical.model.build import build_sam
 
     sam, info = build_sam(model, image_size=256, random_weights=model != "medsam_lite")
     engine = load_or_export(sam, work / f"exports_{model}_{runtime}", info, backend=runtime, threads=1)

@@ -1,4 +1,4 @@
-"""Evaluation throughput: slices and objects per second of ``sam_medical.evaluation.evaluate``.
+"""Evaluation throughput: slices and objects per second of ``sam_medical.evaluation.run.evaluate``.
 
 Synthetic ``.npz`` slice files (200x180 source slices, 2 labelled objects per slice) are evaluated with
 box prompts by the ``tiny`` model and by ``vit_b`` at native 256 input (random weights, a few slices).
@@ -22,8 +22,8 @@ import numpy as np
 
 def make_data(folder: Path, cases: int, slices: int, shape=(200, 180), seed: int = 0) -> Path:
     """``cases`` slice files of ``slices`` slices, each with two elliptical organs (labels 1 and 2)."""
-    from sam_medical.geometry import SliceGeometry
-    from sam_medical.npz_io import save_npz
+    from sam_medical.canvas.geometry import SliceGeometry
+    from sam_medical.canvas.slice_file import save_npz
 
     rng = np.random.default_rng(seed)
     geom = SliceGeometry(*shape)
@@ -58,7 +58,7 @@ def make_data(folder: Path, cases: int, slices: int, shape=(200, 180), seed: int
 
 
 def run(model: str, data: Path, out: Path, device: str) -> dict:
-    from sam_medical.evaluation import EvalConfig, ModelSpec, evaluate
+    from sam_medical.evaluation.run import EvalConfig, ModelSpec, evaluate
 
     t = time.perf_counter()
     summary = evaluate(
@@ -89,9 +89,9 @@ def model_only_seconds(model: str, data: Path, device: str) -> float:
     """The same encoder and decoder calls as the evaluation, nothing else (the floor of its time)."""
     import torch
 
-    from sam_medical.models import build_sam
+    from sam_medical.model.build import build_sam
+    from sam_medical.model.forward import canvas_to_input, decode_many, encode, logits_to_canvas
     from sam_medical.prompts import tight_box
-    from sam_medical.sam_forward import canvas_to_input, decode_many, encode, logits_to_canvas
 
     sam, _ = build_sam(model, random_weights=True, image_size=256)
     sam.to(device).eval()

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sam_medical import sam_forward as sf
-from sam_medical.data import list_npz
-from sam_medical.models import build_sam
+from sam_medical.model import forward as sf
+from sam_medical.model.build import build_sam
 from sam_medical.prompts import interior_point, tight_box
+from sam_medical.training.dataset import list_npz
 
 
 def dice(pred: np.ndarray, gt: np.ndarray) -> float:

@@ -51,7 +51,7 @@ def make_ct(folder: Path, shape=(512, 512, 200), seed: int = 0) -> Path:
 def load_floor(dataset: Path) -> float:
     import nibabel as nib
 
-    from sam_medical.preprocess import find_cases
+    from sam_medical.canvas.preprocess import find_cases
 
     cases, _, _ = find_cases(dataset)
     t = time.perf_counter()
@@ -67,7 +67,7 @@ def bench(dataset: Path, name: str, workers: int, repeats: int = 3) -> dict:
     times = []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as out:
-            cmd = [sys.executable, "-m", "sam_medical.cli", "preprocess", "--dataset", str(dataset)]
+            cmd = [sys.executable, "-m", "sam_medical.cli.main", "preprocess", "--dataset", str(dataset)]
             cmd += ["--out", out, "--workers", str(workers), "--quiet"]
             t = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -40,8 +40,8 @@ def summarise(times: list[float]) -> dict[str, float]:
 
 def sample_input(sam) -> tuple[torch.Tensor, torch.Tensor]:
     """The model input of the middle slice of ``phantom_000`` and a box around its centre."""
-    from sam_medical import sam_forward as sf
-    from sam_medical.predictor import VolumeCache, VolumePredictor
+    from sam_medical.inference.predictor import VolumeCache, VolumePredictor
+    from sam_medical.model import forward as sf
 
     key, vol, _ = VolumeCache().load(REPO / "sample_volumes" / "phantom_000.nii.gz")
     prep = VolumePredictor(sam, "base").prepare(key, vol)
@@ -100,9 +100,9 @@ def main() -> None:
     threads = [int(t) for t in args.threads.split(",")]
     runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
 
-    from sam_medical.engines import TorchEngine
-    from sam_medical.models import build_sam
-    from sam_medical.onnx_runtime import load_or_export
+    from sam_medical.inference.engines import TorchEngine
+    from sam_medical.inference.onnx_runtime import load_or_export
+    from sam_medical.model.build import build_sam
 
     sam, info = build_sam("medsam_lite")
     x, box = sample_input(sam)

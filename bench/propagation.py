@@ -1,7 +1,7 @@
 """3D Dice of ``sam_3d``'s propagation from one slice's box, for several walk settings.
 
 For every organ of every volume of a MONAI Label datastore (images + ``labels/final``), the tight ROI box
-of the organ's largest slice prompts that slice, and :func:`sam_medical.propagation.propagate` walks up
+of the organ's largest slice prompts that slice, and :func:`sam_medical.inference.propagation.propagate` walks up
 and down. One JSON line per setting, best first::
 
     python bench/propagation.py --studies sample_volumes --model medsam_lite
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from sam_medical.models import build_sam
-from sam_medical.predictor import VolumeCache, VolumePredictor
-from sam_medical.propagation import PropagationOptions, propagate
-from sam_medical.volume import image_stem, load_volume
+from sam_medical.inference.predictor import VolumeCache, VolumePredictor
+from sam_medical.inference.propagation import PropagationOptions, propagate
+from sam_medical.model.build import build_sam
+from sam_medical.volume.io import image_stem, load_volume
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sam, info = build_sam(args.model)
     if args.adapter:
-        from sam_medical.lora import load_adapter, merge_lora
+        from sam_medical.adapters.lora import load_adapter, merge_lora
 
         load_adapter(sam, args.adapter, base_info=info)
         merge_lora(sam)

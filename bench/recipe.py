@@ -1,6 +1,6 @@
 """The fine-tuning recipe, measured: train on some real cases, score on held-out ones, rotate.
 
-Each configuration is trained with ``sam_medical.training.train`` (the code ``sam-medical train`` runs)
+Each configuration is trained with ``sam_medical.training.trainer.train`` (the code ``sam-medical train`` runs)
 on the training cases of a fold, then scored on the fold's held-out cases and on organs it was never
 trained on (the sample phantoms), next to the zero-shot base model. One JSON line per (configuration,
 fold), appended to ``--results``::
@@ -35,13 +35,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from sam_medical import sam_forward as sf
-from sam_medical.data import case_name, file_uid, list_npz
-from sam_medical.feature_cache import FeatureCache
-from sam_medical.lora import load_adapter, merge_lora
-from sam_medical.models import build_sam
+from sam_medical.adapters.lora import load_adapter, merge_lora
+from sam_medical.model import forward as sf
+from sam_medical.model.build import build_sam
 from sam_medical.prompts import corrective_click, interior_point, tight_box
-from sam_medical.training import TrainConfig, train
+from sam_medical.training.dataset import case_name, file_uid, list_npz
+from sam_medical.training.feature_cache import FeatureCache
+from sam_medical.training.trainer import TrainConfig, train
 
 #: Named configurations: TrainConfig overrides on top of the shared settings below.
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -77,7 +77,9 @@ def parse_overrides(text: str) -> dict[str, Any]:
     return out
 
 
-def folds_of(names: list[str], n_folds: int, train_cases: int, seed: int) -> list[tuple[list[str], list[str]]]:
+def folds_of(
+    names: list[str], n_folds: int, train_cases: int, seed: int
+) -> list[tuple[list[str], list[str]]]:
     """``(train, test)`` case names per fold (see the module docstring)."""
     names = sorted(names)
     out = []
@@ -207,10 +209,20 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             rec = summarize(score(base_model, test_files, kinds, features=base_features))
             rec.update(
-                summarize(score(base_model, unseen, ("box", "click1"), args.unseen_stride, base_features), "unseen_")
+                summarize(
+                    score(base_model, unseen, ("box", "click1"), args.unseen_stride, base_features), "unseen_"
+                )
             )
-            emit({"bench": "recipe", "config": "zero_shot", "fold": fold, "test": test_names,
-                  "eval_seconds": round(time.perf_counter() - t0, 1), **rec})
+            emit(
+                {
+                    "bench": "recipe",
+                    "config": "zero_shot",
+                    "fold": fold,
+                    "test": test_names,
+                    "eval_seconds": round(time.perf_counter() - t0, 1),
+                    **rec,
+                }
+            )
         for name in args.configs.split(","):
             run_dir = work / f"{name}{args.tag}_fold{fold}"
             data_dir = work / f"data_fold{fold}"
@@ -220,7 +232,11 @@ def main(argv: list[str] | None = None) -> int:
                 if not link.exists():
                     os.symlink(files[n].resolve(), link)
             cfg = TrainConfig(
-                data=str(data_dir), out=str(run_dir), max_steps=args.max_steps, seed=args.seed, overwrite=True,
+                data=str(data_dir),
+                out=str(run_dir),
+                max_steps=args.max_steps,
+                seed=args.seed,
+                overwrite=True,
                 feature_cache_dir=args.features,
                 **{**SHARED, **CONFIGS[name], **parse_overrides(args.set)},
             )
@@ -232,16 +248,28 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             shared = base_features if cfg.lora_rank == 0 else None  # the encoder is the base one
             rec = summarize(score(sam, test_files, kinds, features=shared))
-            rec.update(summarize(score(sam, unseen, ("box", "click1"), args.unseen_stride, shared), "unseen_"))
-            emit({
-                "bench": "recipe", "config": name + args.tag, "fold": fold, "train": train_names,
-                "test": test_names, "overrides": {**CONFIGS[name], **parse_overrides(args.set)},
-                "steps": summary["steps"], "best_epoch": summary["best_epoch"],
-                "initial_val_dice": summary["initial_val_dice"], "best_val_dice": summary["best_val_dice"],
-                "train_seconds": summary["seconds"], "eval_seconds": round(time.perf_counter() - t0, 1),
-                "trainable_params": summary["trainable_params"],
-                "adapter_bytes": Path(summary["adapter"]).stat().st_size, **rec,
-            })
+            rec.update(
+                summarize(score(sam, unseen, ("box", "click1"), args.unseen_stride, shared), "unseen_")
+            )
+            emit(
+                {
+                    "bench": "recipe",
+                    "config": name + args.tag,
+                    "fold": fold,
+                    "train": train_names,
+                    "test": test_names,
+                    "overrides": {**CONFIGS[name], **parse_overrides(args.set)},
+                    "steps": summary["steps"],
+                    "best_epoch": summary["best_epoch"],
+                    "initial_val_dice": summary["initial_val_dice"],
+                    "best_val_dice": summary["best_val_dice"],
+                    "train_seconds": summary["seconds"],
+                    "eval_seconds": round(time.perf_counter() - t0, 1),
+                    "trainable_params": summary["trainable_params"],
+                    "adapter_bytes": Path(summary["adapter"]).stat().st_size,
+                    **rec,
+                }
+            )
     return 0
 
 

@@ -80,8 +80,8 @@ def make_engine(name: str, sam, info: dict, work: Path, threads: int):
     PyTorch model on that device under that autocast precision (the GPU path)."""
     import copy
 
-    from sam_medical.engines import TorchEngine
-    from sam_medical.onnx_runtime import load_or_export
+    from sam_medical.inference.engines import TorchEngine
+    from sam_medical.inference.onnx_runtime import load_or_export
 
     name = name.strip()
     if name.startswith("torch:"):
@@ -91,7 +91,7 @@ def make_engine(name: str, sam, info: dict, work: Path, threads: int):
 
 
 def decode_mask(engine, emb: torch.Tensor, kwargs: dict, multimask: bool) -> np.ndarray:
-    from sam_medical.sam_forward import logits_to_canvas
+    from sam_medical.model.forward import logits_to_canvas
 
     low, iou = engine.decode(emb, **kwargs, multimask_output=multimask)
     best = int(torch.argmax(iou[0])) if multimask else 0
@@ -105,8 +105,8 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def agreement(files: list[Path], sam, engines: dict, stride: int) -> dict[str, dict[str, list]]:
     """``runtime -> prompt -> [(dice, pixels differing, reference non-empty)]``."""
-    from sam_medical import sam_forward as sf
-    from sam_medical.engines import TorchEngine
+    from sam_medical.inference.engines import TorchEngine
+    from sam_medical.model import forward as sf
 
     ref = TorchEngine(sam)
     out = {rt: {p: [] for p in PROMPTS} for rt in engines}
@@ -163,7 +163,7 @@ def main() -> None:
     if args.stride < 1:
         raise SystemExit("error: --stride must be at least 1")
 
-    from sam_medical.models import build_sam
+    from sam_medical.model.build import build_sam
 
     torch.set_num_threads(args.threads)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="runtime_agreement_"))

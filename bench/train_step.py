@@ -8,7 +8,7 @@ Prints one JSON line per configuration::
             lora+decoder    LoRA plus the mask decoder
             full_encoder    the whole image encoder trainable (no LoRA), decoder frozen
 
-One step = the training engine's own forward (:class:`sam_medical.training.PromptedSam`), MONAI
+One step = the training engine's own forward (:class:`sam_medical.training.trainer.PromptedSam`), MONAI
 ``DiceCELoss`` on the low-res logits, backward and an AdamW step, on a synthetic batch of canvases
 (random texture with a bright disc, box prompts). ``seconds_per_step`` is the median over ``--steps``
 steps after ``--warmup`` warm-up steps.
@@ -51,9 +51,9 @@ def run_one(
     import torch
     from monai.losses import DiceCELoss
 
-    from sam_medical import lora
-    from sam_medical.models import build_sam, count_parameters
-    from sam_medical.training import LAMBDA_CE, LAMBDA_DICE, PromptedSam, amp_dtype_for, area_target
+    from sam_medical.adapters import lora
+    from sam_medical.model.build import build_sam, count_parameters
+    from sam_medical.training.trainer import LAMBDA_CE, LAMBDA_DICE, PromptedSam, amp_dtype_for, area_target
 
     device = torch.device(device_name)
     sam, _ = build_sam(model, image_size=image_size, random_weights=True, seed=0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .errors import UserInputError
+from sam_medical.errors import UserInputError
 
 if TYPE_CHECKING:
     import torch

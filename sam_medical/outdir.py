@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .errors import UserInputError
+from sam_medical.errors import UserInputError
 
 
 def prepare_output_dir(path: str | os.PathLike, flag: str = "--out") -> list[Path]:

@@ -44,12 +44,13 @@ RENAMED_MODES = {"points": "point", "both": "mixed"}
 def check_prompt_mode(mode: str, option: str = "--prompt", modes: tuple[str, ...] = PROMPT_MODES) -> str:
     """``mode`` if it is one of ``modes``; a :class:`~sam_medical.errors.UserInputError` otherwise,
     naming the new word for an old one (``points`` -> ``point``, ``both`` -> ``mixed``)."""
-    from .errors import UserInputError
+    from sam_medical.errors import UserInputError
 
     if mode in modes:
         return mode
     hint = f" ({mode!r} is now called {RENAMED_MODES[mode]!r})" if mode in RENAMED_MODES else ""
     raise UserInputError(f"{option} must be one of {', '.join(modes)}, got {mode!r}{hint}")
+
 
 #: Background points are drawn within this margin (pixels, at 256) around the object's tight box.
 BG_MARGIN = 10
@@ -269,7 +270,9 @@ def eval_prompt(
     return out
 
 
-def corrective_click(pred: np.ndarray, gt: np.ndarray, valid: np.ndarray | None = None) -> tuple[int, int, int] | None:
+def corrective_click(
+    pred: np.ndarray, gt: np.ndarray, valid: np.ndarray | None = None
+) -> tuple[int, int, int] | None:
     """The next click of a simulated user correcting ``pred`` towards ``gt`` (both ``(H, W)`` bool).
 
     As SAM-Med2D and nnInteractive evaluate: the largest connected error region (missed object pixels or

@@ -10,7 +10,7 @@ import pytest
 @pytest.fixture
 def tiny_model() -> tuple[Any, dict]:
     """``(sam, base_info)``: the ``tiny`` SAM at input size 256, seed 0, eval mode, CPU (fresh per test)."""
-    from sam_medical.models import build_sam
+    from sam_medical.model.build import build_sam
 
     return build_sam("tiny", image_size=256, seed=0)
 

@@ -65,7 +65,9 @@ def test_saved_labels_train_a_version_whose_clicks_work_on_a_held_out_case(tmp_p
 
         for name in TRAIN:
             client.save_label(
-                name, str(SHARED / name / "label.nii.gz"), params={"label_info": [{"name": "tumour", "idx": 1}]}
+                name,
+                str(SHARED / name / "label.nii.gz"),
+                params={"label_info": [{"name": "tumour", "idx": 1}]},
             )
         objects = client.datastore()["objects"]
         assert all("final" in objects[name]["labels"] for name in TRAIN)

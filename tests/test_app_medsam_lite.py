@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 from slicer_harness import REPO, running_server, slicer_infer
 
-from sam_medical.model_registry import get_family
+from sam_medical.model.registry import get_family
 
 pytestmark = pytest.mark.server
 

@@ -13,7 +13,7 @@ import pytest
 from adapters import save_tiny_adapter
 from slicer_harness import REPO, running_server, slicer_infer
 
-from sam_medical.onnx_runtime import mask_dice
+from sam_medical.inference.onnx_runtime import mask_dice
 
 pytestmark = pytest.mark.server
 pytest.importorskip("onnxruntime")
@@ -28,8 +28,8 @@ def sam_info(srv) -> dict:
 
 def torch_mask(fg: list[int]) -> np.ndarray:
     """The same click answered in process by the PyTorch model (``tiny``, seed 0)."""
-    from sam_medical.models import build_sam
-    from sam_medical.predictor import VolumeCache, VolumePredictor
+    from sam_medical.inference.predictor import VolumeCache, VolumePredictor
+    from sam_medical.model.build import build_sam
 
     sam, _ = build_sam("tiny", image_size=256, seed=0)
     key, vol, _ = VolumeCache().load(REPO / "sample_volumes" / f"{CASE}.nii.gz")
@@ -60,7 +60,7 @@ def test_runtime_onnx_through_slicers_client(tmp_path, request):
 
         # a published adapter is served at once, then from its own export
         save_tiny_adapter(tmp_path / "a.pt", nonzero_b=True)
-        from sam_medical.model_store import ModelStore
+        from sam_medical.adapters.store import ModelStore
 
         version = ModelStore(app / "model" / "adapters").publish(tmp_path / "a.pt")
         _, _, out = slicer_infer(srv, "sam_2d", CASE, fg=[fg], slice_index=fg[2])

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from sam_medical import checkpoints as ck
-from sam_medical.cli import main
+from sam_medical.cli.main import main
 from sam_medical.errors import UserInputError
+from sam_medical.model import checkpoints as ck
 
 FNAME = "sam_vit_b_01ec64.pth"
 PAYLOAD = os.urandom(3 * (1 << 20) + 12345)  # > the 1 MiB chunk: several reads

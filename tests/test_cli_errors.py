@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sam_medical.cli import main
-from sam_medical.training import TrainConfig, Trainer
+from sam_medical.cli.main import main
+from sam_medical.training.trainer import TrainConfig, Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "sample_volumes"

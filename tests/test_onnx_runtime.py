@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sam_medical import onnx_runtime as ort_rt
-from sam_medical import sam_forward as sf
-from sam_medical.engines import TorchEngine, check_runtime, resolve_runtime
 from sam_medical.errors import UserInputError
+from sam_medical.inference import onnx_runtime as ort_rt
+from sam_medical.inference.engines import TorchEngine, check_runtime, resolve_runtime
+from sam_medical.model import forward as sf
 
 pytest.importorskip("onnxruntime")
 
@@ -114,7 +114,7 @@ def test_a_corrupt_cached_export_is_rebuilt_not_served(exported, corruption):
 
 
 def test_an_export_that_disagrees_is_refused(tiny_model, tmp_path, monkeypatch):
-    from sam_medical.models import build_sam
+    from sam_medical.model.build import build_sam
 
     sam, info = tiny_model
     other, _ = build_sam("tiny", image_size=256, seed=1)
@@ -152,7 +152,7 @@ def test_runtime_options_are_checked(monkeypatch):
         resolve_runtime("torch", cpu, "int8")
     with pytest.raises(UserInputError, match="runtime onnx runs on the CPU"):
         resolve_runtime("onnx", cuda)
-    monkeypatch.setattr("sam_medical.engines.openvino_available", lambda: False)
+    monkeypatch.setattr("sam_medical.inference.engines.openvino_available", lambda: False)
     with pytest.raises(UserInputError, match=r"pip install 'sam-medical\[openvino\]'"):
         resolve_runtime("openvino", cpu)
 
@@ -168,7 +168,7 @@ def test_openvino_backend_agrees_when_installed(tiny_model, tmp_path):
 def test_lite_medsam_export_is_exact_and_batch_dynamic(export_cache):
     """LiteMedSAM's real weights: TinyViT exports with a dynamic batch (verified at batch 2) and its
     masks agree with PyTorch to the pixel on the verification canvases."""
-    from sam_medical.models import build_sam
+    from sam_medical.model.build import build_sam
 
     sam, info = build_sam("medsam_lite")
     engine = ort_rt.load_or_export(sam, export_cache, info)  # the app tests' servers then load it

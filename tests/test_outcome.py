@@ -16,14 +16,14 @@ import pytest
 import torch
 from test_training import LORA_ARGS, _cfg, write_case
 
-from sam_medical import lora
-from sam_medical.cli import main as cli_main
+from sam_medical.adapters import lora
+from sam_medical.adapters.store import ModelStore
+from sam_medical.canvas.slice_file import load_npz, save_npz
+from sam_medical.cli.main import main as cli_main
 from sam_medical.errors import UserInputError
-from sam_medical.model_store import ModelStore
-from sam_medical.models import build_sam
-from sam_medical.npz_io import load_npz, save_npz
-from sam_medical.outcome import NOISE_MARGIN, PublishRule, publish_decision, verdict
-from sam_medical.training import TrainConfig, Trainer, train
+from sam_medical.model.build import build_sam
+from sam_medical.training.outcome import NOISE_MARGIN, PublishRule, publish_decision, verdict
+from sam_medical.training.trainer import TrainConfig, Trainer, train
 
 NAMES = {1: "disc", 2: "square"}
 
@@ -77,7 +77,18 @@ def test_a_run_that_learns_nothing_says_so_in_summary_and_last_cli_line(
     out = tmp_path / "run"
     # a learning rate so small that no weight moves: every epoch validates exactly as the start
     argv = ["train", "--data", str(named_dir), "--out", str(out), "--model", "tiny", "--random-weights"]
-    argv += ["--epochs", "2", "--lr", "1e-30", "--batch-size", "4", "--val-fraction", "0.25", "--quiet", *LORA_ARGS]
+    argv += [
+        "--epochs",
+        "2",
+        "--lr",
+        "1e-30",
+        "--batch-size",
+        "4",
+        "--val-fraction",
+        "0.25",
+        "--quiet",
+        *LORA_ARGS,
+    ]
     assert cli_main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     summary = json.loads((out / "summary.json").read_text())
@@ -140,7 +151,7 @@ def test_a_run_that_learns_reports_the_paired_gain_and_dice_per_label(named_dir:
 
 
 def _summary(initial: float, best: float, diffs: list[float] | None, best_epoch: int = 3) -> dict:
-    from sam_medical.evaluation import paired_comparison
+    from sam_medical.evaluation.run import paired_comparison
 
     out = {"initial_val_dice": initial, "best_val_dice": best, "best_epoch": best_epoch, "val_items": 40}
     out["learned"] = best_epoch > 0 and best > initial

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from sam_medical import sam_forward
-from sam_medical.engines import TorchEngine
+from sam_medical.canvas.geometry import SliceGeometry
+from sam_medical.canvas.preprocess import PreprocessOptions, volume_to_slices
 from sam_medical.errors import UserInputError
-from sam_medical.geometry import SliceGeometry
-from sam_medical.predictor import (
+from sam_medical.inference.engines import TorchEngine
+from sam_medical.inference.predictor import (
     EmbeddingCache,
     VolumeCache,
     VolumePredictor,
@@ -18,8 +18,8 @@ from sam_medical.predictor import (
     neighbours,
     window_options,
 )
-from sam_medical.preprocess import PreprocessOptions, volume_to_slices
-from sam_medical.volume import Volume, write_volume
+from sam_medical.model import forward as sam_forward
+from sam_medical.volume.io import Volume, write_volume
 
 I_SIZE, J_SIZE, K_SIZE = 40, 100, 6  # not square: an x/y swap cannot go unnoticed
 

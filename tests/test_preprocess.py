@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from sam_medical.cli import main
+from sam_medical.canvas.geometry import SliceGeometry
+from sam_medical.canvas.preprocess import PreprocessOptions, find_cases, preprocess_case
+from sam_medical.canvas.slice_file import load_npz, read_meta
+from sam_medical.cli.main import main
 from sam_medical.errors import UserInputError
-from sam_medical.geometry import SliceGeometry
-from sam_medical.intensity import resolve_window
-from sam_medical.npz_io import load_npz, read_meta
-from sam_medical.preprocess import PreprocessOptions, find_cases, preprocess_case
+from sam_medical.volume.intensity import resolve_window
 
 LPS = (1, 0, 0, 0, 1, 0, 0, 0, 1)
 RAS = (-1, 0, 0, 0, -1, 0, 0, 0, 1)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sam_medical.predictor import VolumePredictor
-from sam_medical.propagation import PropagationOptions, keep_touching, mask_box, propagate
-from sam_medical.volume import Volume
+from sam_medical.inference.predictor import VolumePredictor
+from sam_medical.inference.propagation import PropagationOptions, keep_touching, mask_box, propagate
+from sam_medical.volume.io import Volume
 
 SHAPE = (48, 64, 24)  # (I, J, K)
 

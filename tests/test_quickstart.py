@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from slicer_harness import REPO, running_server, slicer_infer
 
-from sam_medical.cli import main
+from sam_medical.cli.main import main
 
 pytestmark = pytest.mark.server
 

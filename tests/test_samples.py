@@ -1,4 +1,4 @@
-"""The CT-like phantom generator (``sam_medical.samples``) and the committed ``sample_volumes/``."""
+"""The CT-like phantom generator (``sam_medical.quickstart.samples``) and the committed ``sample_volumes/``."""
 
 from __future__ import annotations
 
@@ -9,11 +9,18 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from sam_medical import samples
-from sam_medical.cli import main
+from sam_medical.cli.main import main
 from sam_medical.errors import UserInputError
-from sam_medical.samples import LABEL_NAMES, LPS_DIRECTION, ORGAN_HU, RAS_DIRECTION, SampleSpec, make_phantom
-from sam_medical.volume import image_stem, load_label, load_volume
+from sam_medical.quickstart import samples
+from sam_medical.quickstart.samples import (
+    LABEL_NAMES,
+    LPS_DIRECTION,
+    ORGAN_HU,
+    RAS_DIRECTION,
+    SampleSpec,
+    make_phantom,
+)
+from sam_medical.volume.io import image_stem, load_label, load_volume
 
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED = REPO / "sample_volumes"

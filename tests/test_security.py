@@ -379,7 +379,7 @@ def test_item5_train_status_shows_no_stack_frames():
 def _publish_tiny_adapter(server, tmp_path) -> str:
     from adapters import save_tiny_adapter
 
-    from sam_medical.model_store import ModelStore
+    from sam_medical.adapters.store import ModelStore
 
     save_tiny_adapter(tmp_path / "good.pt", nonzero_b=True)
     return ModelStore(server["app"] / "model" / "adapters").publish(tmp_path / "good.pt")

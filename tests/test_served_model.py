@@ -13,7 +13,7 @@ import torch
 from adapters import save_tiny_adapter
 
 from sam_medical.errors import UserInputError
-from sam_medical.volume import Volume
+from sam_medical.volume.io import Volume
 
 APP = Path(__file__).resolve().parents[1] / "monailabel_app"
 
@@ -177,7 +177,7 @@ def test_onnx_runtime_serves_each_version_from_its_own_verified_export(tmp_path,
 
 def test_a_runtime_that_cannot_be_served_leaves_pytorch_serving(tmp_path, app_lib, monkeypatch):
     pytest.importorskip("onnxruntime")
-    from sam_medical import onnx_runtime
+    from sam_medical.inference import onnx_runtime
 
     served_mod, configs = app_lib
 

@@ -18,11 +18,18 @@ import torch
 from adapters import save_tiny_adapter
 from slicer_harness import free_port
 
-from sam_medical import lora
-from sam_medical.cli import main as cli_main
-from sam_medical.models import build_sam
-from sam_medical.npz_io import save_npz
-from sam_medical.training import DEBUG_HASH_ENV, TrainConfig, Trainer, area_target, tensors_sha256, train
+from sam_medical.adapters import lora
+from sam_medical.canvas.slice_file import save_npz
+from sam_medical.cli.main import main as cli_main
+from sam_medical.model.build import build_sam
+from sam_medical.training.trainer import (
+    DEBUG_HASH_ENV,
+    TrainConfig,
+    Trainer,
+    area_target,
+    tensors_sha256,
+    train,
+)
 
 REQUIRED_SUMMARY = {
     "initial_val_dice", "best_val_dice", "best_epoch", "epochs", "steps", "trainable_params", "seconds",
@@ -214,7 +221,7 @@ def test_ddp_two_processes_end_with_identical_adapters(data_dir: Path, tmp_path:
     env = {**os.environ, DEBUG_HASH_ENV: "1", "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()), "-m", "sam_medical.cli", "train", "--data", str(data_dir),
+        "--master_port", str(free_port()), "-m", "sam_medical.cli.main", "train", "--data", str(data_dir),
         "--out", str(out), "--model", "tiny", "--random-weights", "--max-steps", "3", "--batch-size", "2",
         "--lr", "1e-2", "--quiet", *LORA_ARGS[:-2],
     ]  # fmt: skip
@@ -330,8 +337,8 @@ def test_cli_runs_one_case_without_validation_split(tmp_path: Path, capsys):
 
 
 def test_decode_grouped_matches_item_by_item_decoding():
-    from sam_medical.sam_forward import canvas_to_input, decode, encode
-    from sam_medical.training import decode_grouped
+    from sam_medical.model.forward import canvas_to_input, decode, encode
+    from sam_medical.training.trainer import decode_grouped
 
     sam, _ = build_sam("tiny", random_weights=True, seed=0)
     g = torch.Generator().manual_seed(0)

@@ -35,7 +35,7 @@ from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 
 from sam_medical.errors import UserInputError
-from sam_medical.volume import check_same_geometry, load_label, load_volume, read_geometry
+from sam_medical.volume.io import check_same_geometry, load_label, load_volume, read_geometry
 
 logger = logging.getLogger(__name__)
 

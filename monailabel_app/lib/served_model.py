@@ -2,18 +2,18 @@
 
 :class:`ServedModel` owns:
 
-* the base SAM, built **once** (:func:`sam_medical.models.build_sam`; official checkpoints are cached in
+* the base SAM, built **once** (:func:`sam_medical.model.build.build_sam`; official checkpoints are cached in
   ``<app>/model/``), never modified afterwards;
-* the adapter store ``<app>/model/adapters`` (:class:`sam_medical.model_store.ModelStore`), whose
+* the adapter store ``<app>/model/adapters`` (:class:`sam_medical.adapters.store.ModelStore`), whose
   ``current.json`` the train task rewrites when it publishes a version;
-* one :class:`~sam_medical.predictor.VolumePredictor` per served version over its own model object (a
+* one :class:`~sam_medical.inference.predictor.VolumePredictor` per served version over its own model object (a
   deep copy of the base with the adapter loaded and merged), all sharing one byte-bounded embedding
   cache whose keys hold the version;
-* a cache of loaded volumes (:class:`~sam_medical.predictor.VolumeCache`).
+* a cache of loaded volumes (:class:`~sam_medical.inference.predictor.VolumeCache`).
 
-Runtime (``--conf runtime``): every predictor starts on PyTorch (:class:`~sam_medical.engines.TorchEngine`).
+Runtime (``--conf runtime``): every predictor starts on PyTorch (:class:`~sam_medical.inference.engines.TorchEngine`).
 With ``onnx``/``openvino`` (``auto`` on the CPU), a background worker then loads the version's export
-from the cache, or exports, verifies and caches it (:func:`sam_medical.onnx_runtime.load_or_export`: the
+from the cache, or exports, verifies and caches it (:func:`sam_medical.inference.onnx_runtime.load_or_export`: the
 digest covers the base weights, the adapter file, the exporter and runtime versions), and swaps it into
 the predictor. At server start :meth:`ServedModel.load` waits for it, so the first click already runs
 the export; after a hot swap the new version answers at once on PyTorch (identical masks) and moves to its
@@ -40,13 +40,14 @@ from typing import Any
 
 import torch
 
-from sam_medical import lora, sam_forward
+from sam_medical.adapters import lora
+from sam_medical.adapters.store import NO_ADAPTER, ModelStore, check_version_id
 from sam_medical.device import resolve_device
-from sam_medical.engines import TorchEngine, resolve_runtime
 from sam_medical.errors import UserInputError, library_detail
-from sam_medical.model_registry import get_family
-from sam_medical.model_store import NO_ADAPTER, ModelStore, check_version_id
-from sam_medical.predictor import EmbeddingCache, VolumeCache, VolumePredictor
+from sam_medical.inference.engines import TorchEngine, resolve_runtime
+from sam_medical.inference.predictor import EmbeddingCache, VolumeCache, VolumePredictor
+from sam_medical.model import forward as sam_forward
+from sam_medical.model.registry import get_family
 
 from .configs.sam import SamAppConfig, build_base_model
 
@@ -209,7 +210,7 @@ class ServedModel:
         self, pred: VolumePredictor, adapter: dict[str, Any] | None, status: dict[str, Any]
     ) -> None:
         """Background: the predictor's export from the cache, or exported + verified now; swapped in."""
-        from sam_medical.onnx_runtime import export_key, load_or_export
+        from sam_medical.inference.onnx_runtime import export_key, load_or_export
 
         torch.set_num_threads(1)  # this worker thread's own setting: the clicks keep the other cores
         runtime = str(self.runtime)
@@ -292,7 +293,7 @@ class ServedModel:
         )
         adapter = None
         if self.runtime in ("onnx", "openvino"):
-            from sam_medical.onnx_runtime import adapter_identity
+            from sam_medical.inference.onnx_runtime import adapter_identity
 
             adapter = adapter_identity(path, version)
         return self._make_predictor(sam, version, adapter)

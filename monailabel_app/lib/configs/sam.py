@@ -20,7 +20,7 @@
 | ``multimask`` | ``false`` | ``auto``: for a single click, best of SAM's three masks |
 | ``labels`` | (datastore) | label names shown in Slicer: ``liver,spleen`` (values 1, 2, ...) or ``liver=1,kidney=3``; default: the datastore's (``labels.json`` beside the studies, else the names its saved labels' info records), else ``object`` |
 | ``max_points`` | ``64`` | most foreground + background points accepted in one request (1..10000) |
-| ``epochs``, ``learning_rate``, ``lora_rank``, ``train_decoder``, ``prompt``, ``max_steps``, ``batch_size`` | ``sam-medical train``'s | training defaults (a train request may override them): the measured recipe of :mod:`sam_medical.train_config` (``lora_rank`` 0 with ``train_decoder``: the mask decoder alone, on cached embeddings) |
+| ``epochs``, ``learning_rate``, ``lora_rank``, ``train_decoder``, ``prompt``, ``max_steps``, ``batch_size`` | ``sam-medical train``'s | training defaults (a train request may override them): the measured recipe of :mod:`sam_medical.training.config` (``lora_rank`` 0 with ``train_decoder``: the mask decoder alone, on cached embeddings) |
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sam_medical.engines import check_precision, check_runtime
 from sam_medical.errors import UserInputError
-from sam_medical.label_names import check_label_names, datastore_label_names
-from sam_medical.model_registry import DEFAULT_MODEL, MODEL_NAMES, check_image_size
-from sam_medical.predictor import window_options
+from sam_medical.inference.engines import check_precision, check_runtime
+from sam_medical.inference.predictor import window_options
+from sam_medical.model.registry import DEFAULT_MODEL, MODEL_NAMES, check_image_size
 from sam_medical.prompts import check_prompt_mode
-from sam_medical.train_config import default as recipe_default
+from sam_medical.training.config import default as recipe_default
+from sam_medical.volume.label_names import check_label_names, datastore_label_names
 
 TRUE = ("1", "true", "yes", "on")
 FALSE = ("0", "false", "no", "off")
@@ -154,7 +154,7 @@ class SamAppConfig:
         """Parse ``--conf`` pairs; unknown keys are ignored (MONAI Label passes its own too).
 
         ``studies``: the datastore folder; without ``--conf labels``, its label names are the labels
-        (:func:`sam_medical.label_names.datastore_label_names`).
+        (:func:`sam_medical.volume.label_names.datastore_label_names`).
 
         Raises:
             UserInputError: a value that cannot be used, with the accepted values.
@@ -261,7 +261,7 @@ def build_base_model(cfg: SamAppConfig) -> tuple[Any, dict[str, Any]]:
 
     Official checkpoints are looked up, or downloaded once and MD5-checked, in the app's model folder.
     """
-    from sam_medical.models import build_sam
+    from sam_medical.model.build import build_sam
 
     return build_sam(
         cfg.model,

@@ -34,7 +34,7 @@ from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from sam_medical.errors import UserInputError
-from sam_medical.volume import Volume, write_volume
+from sam_medical.volume.io import Volume, write_volume
 
 from ..datastore import name_problem
 from ..served_model import ServedModel

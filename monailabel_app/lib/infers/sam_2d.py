@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from sam_medical.errors import UserInputError
-from sam_medical.predictor import VolumePredictor, check_slice_index, neighbours
-from sam_medical.volume import Volume
+from sam_medical.inference.predictor import VolumePredictor, check_slice_index, neighbours
+from sam_medical.volume.io import Volume
 
 from ..served_model import ServedModel
 from .base import SamInferTask, parse_int, parse_points, parse_roi

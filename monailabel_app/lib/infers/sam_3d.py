@@ -3,7 +3,7 @@
 ``"dimension": 3``: Slicer sends every point (all slices) and no ``slice``. The prompted slice is
 ``slice`` when given, else the ``k`` of the last foreground point, else the middle of the ROI's ``k``
 range; the points on that slice and the ROI's ``i``/``j`` extent prompt it, then
-:func:`sam_medical.propagation.propagate` walks up and down. The answer is the whole label volume.
+:func:`sam_medical.inference.propagation.propagate` walks up and down. The answer is the whole label volume.
 
 Model config (Slicer's options table): ``max_slices`` (per direction, 0 = no limit), ``min_iou``.
 """
@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 
 from sam_medical.errors import UserInputError
-from sam_medical.predictor import VolumePredictor
-from sam_medical.propagation import PropagationOptions, propagate
-from sam_medical.volume import Volume
+from sam_medical.inference.predictor import VolumePredictor
+from sam_medical.inference.propagation import PropagationOptions, propagate
+from sam_medical.volume.io import Volume
 
 from ..served_model import ServedModel
 from .base import SamInferTask, parse_int

@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from sam_medical.errors import UserInputError
-from sam_medical.outcome import DEFAULT_ALPHA, DEFAULT_MIN_ITEMS, NOISE_MARGIN, PublishRule
 from sam_medical.prompts import PROMPT_MODES, check_prompt_mode
+from sam_medical.training.outcome import DEFAULT_ALPHA, DEFAULT_MIN_ITEMS, NOISE_MARGIN, PublishRule
 
 from ..configs.sam import SamAppConfig, as_bool, as_float, as_int
 
@@ -45,7 +45,7 @@ def train_options(request: dict[str, Any], defaults: SamAppConfig) -> dict[str, 
 
     Returns a dict with ``epochs``, ``lr``, ``lora_rank``, ``prompt``, ``max_steps`` (None: no cap),
     ``batch_size``, ``train_decoder``, ``val_fraction``, ``val_max_items`` (None: all), ``publish`` and
-    the ``if_better`` rule (:class:`sam_medical.outcome.PublishRule`): ``publish_margin`` (the least
+    the ``if_better`` rule (:class:`sam_medical.training.outcome.PublishRule`): ``publish_margin`` (the least
     validation Dice gain), ``publish_alpha`` (the significance level of the paired test) and
     ``publish_min_items`` (fewer paired validation items: no test).
 

@@ -6,19 +6,19 @@ MONAI Label runs ``POST /train/sam_lora`` in a **subprocess** (``monailabel.util
 ``DELETE /train/`` kills that process. So:
 
 1. the images with a ``final`` label (``datastore.datalist()``, including labels saved from Slicer
-   through ``PUT /datastore/label``) are preprocessed with :mod:`sam_medical.preprocess` -- the same code
+   through ``PUT /datastore/label``) are preprocessed with :mod:`sam_medical.canvas.preprocess` -- the same code
    as ``sam-medical preprocess``, with the served ``window`` and the app's label names -- into a
    temporary folder inside ``<app>/model/train/``;
-2. :func:`sam_medical.training.train` trains an adapter (the recipe's mask decoder; LoRA too with
+2. :func:`sam_medical.training.trainer.train` trains an adapter (the recipe's mask decoder; LoRA too with
    ``lora_rank`` > 0) on every label value of those maps, on the
    served base model, starting from the currently served adapter when its rank matches (continual
    fine-tuning); its summary gives the validation Dice per label, by name;
 3. the adapter is **validated**: with ``publish=if_better`` it is published only when its validation Dice
    gain over the starting model is at least ``publish_margin`` and, with at least ``publish_min_items``
    paired validation items, a one-sided Wilcoxon signed-rank test over those items is significant at
-   ``publish_alpha`` (:func:`sam_medical.outcome.publish_decision`); it must load into a freshly built
-   base model with the base check of :func:`sam_medical.lora.load_adapter`, and give finite outputs;
-4. it is published atomically as a new version (:class:`sam_medical.model_store.ModelStore`); the infer
+   ``publish_alpha`` (:func:`sam_medical.training.outcome.publish_decision`); it must load into a freshly built
+   base model with the base check of :func:`sam_medical.adapters.lora.load_adapter`, and give finite outputs;
+4. it is published atomically as a new version (:class:`sam_medical.adapters.store.ModelStore`); the infer
    tasks pick it up at their next request. Earlier versions are kept.
 
 The training subprocess lowers its own scheduling priority (``nice`` 10) so that clicks served while it
@@ -54,12 +54,18 @@ from typing import Any
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
+from sam_medical.adapters.store import ModelStore
 from sam_medical.atomic import write_json_atomic
 from sam_medical.errors import UserInputError
-from sam_medical.model_store import ModelStore
-from sam_medical.outcome import DEFAULT_ALPHA, DEFAULT_MIN_ITEMS, NOISE_MARGIN, PublishRule, publish_decision
-from sam_medical.predictor import window_options
+from sam_medical.inference.predictor import window_options
 from sam_medical.prompts import PROMPT_MODES
+from sam_medical.training.outcome import (
+    DEFAULT_ALPHA,
+    DEFAULT_MIN_ITEMS,
+    NOISE_MARGIN,
+    PublishRule,
+    publish_decision,
+)
 
 from ..configs.sam import SamAppConfig, build_base_model
 from .options import PUBLISH_POLICIES, train_options
@@ -200,9 +206,9 @@ class SamLoraTrain(TrainTask):
     def _train(
         self, request: dict[str, Any], datastore: Datastore, status: dict[str, Any], work: Path
     ) -> dict:
-        from sam_medical.preprocess import CasePair, PreprocessOptions, preprocess_cases
-        from sam_medical.training import TrainConfig, train
-        from sam_medical.volume import image_stem
+        from sam_medical.canvas.preprocess import CasePair, PreprocessOptions, preprocess_cases
+        from sam_medical.training.trainer import TrainConfig, train
+        from sam_medical.volume.io import image_stem
 
         c = self.app_config
         opts = self.check_request(request)
@@ -298,7 +304,7 @@ class SamLoraTrain(TrainTask):
         status.update({"summary": metrics, "stage": "validating"})
         self._write_status(status)
 
-        # 3. validate: a gain that means something (sam_medical.outcome), an adapter that loads and runs
+        # 3. validate: a gain that means something (sam_medical.training.outcome), an adapter that loads and runs
         adapter = summary.get("adapter")
         if not adapter or not Path(adapter).is_file():
             raise UserInputError("training produced no adapter file")
@@ -327,7 +333,7 @@ class SamLoraTrain(TrainTask):
         A served adapter of another rank, or one that cannot be read (a damaged ``current.json`` or
         adapter file, which the server refuses to serve too), means starting from the base model.
         """
-        from sam_medical.lora import read_adapter_meta
+        from sam_medical.adapters.lora import read_adapter_meta
 
         try:
             current = self.store.current() or {}
@@ -344,7 +350,8 @@ class SamLoraTrain(TrainTask):
         import numpy as np
         import torch
 
-        from sam_medical import lora, sam_forward
+        from sam_medical.adapters import lora
+        from sam_medical.model import forward as sam_forward
 
         sam, base_info = build_base_model(self.app_config)
         meta = lora.load_adapter(sam, adapter, base_info=base_info)
