@@ -22,15 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sam_medical.metrics import dice
 from sam_medical.model import forward as sf
 from sam_medical.model.build import build_sam
 from sam_medical.prompts import interior_point, tight_box
 from sam_medical.training.dataset import list_npz
-
-
-def dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    denom = pred.sum() + gt.sum()
-    return float(2.0 * np.logical_and(pred, gt).sum() / denom) if denom else 1.0
 
 
 def predict(sam, emb, box, point, transposed: bool) -> tuple[np.ndarray, np.ndarray]:

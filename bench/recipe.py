@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from sam_medical.adapters.lora import load_adapter, merge_lora
+from sam_medical.metrics import dice
 from sam_medical.model import forward as sf
 from sam_medical.model.build import build_sam
 from sam_medical.prompts import corrective_click, interior_point, tight_box
@@ -90,11 +91,6 @@ def folds_of(
         train_set = sorted(rng.choice(rest, size=min(train_cases, len(rest)), replace=False).tolist())
         out.append((train_set, test))
     return out
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    s = a.sum() + b.sum()
-    return float(2 * (a & b).sum() / s) if s else 1.0
 
 
 def _mask(sam, emb, points=None, labels=None, box=None) -> np.ndarray:

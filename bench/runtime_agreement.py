@@ -98,14 +98,10 @@ def decode_mask(engine, emb: torch.Tensor, kwargs: dict, multimask: bool) -> np.
     return (logits_to_canvas(low[:, best : best + 1].float())[0, 0] > 0).cpu().numpy()
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
-
-
 def agreement(files: list[Path], sam, engines: dict, stride: int) -> dict[str, dict[str, list]]:
     """``runtime -> prompt -> [(dice, pixels differing, reference non-empty)]``."""
     from sam_medical.inference.engines import TorchEngine
+    from sam_medical.metrics import dice
     from sam_medical.model import forward as sf
 
     ref = TorchEngine(sam)
