@@ -142,6 +142,9 @@ def predict_masks_paired(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``MaskDecoder.predict_masks`` with prompt set ``b`` paired with image ``b`` (no repetition).
 
+    The one place in ``sam_medical`` that runs the mask decoder: :func:`decode`, :func:`decode_many`
+    and the exported ONNX decoder graph all call it.
+
     The official method repeats every image embedding once per prompt set (``P`` prompts for one image);
     here ``embeddings (B, C, h, w)``, ``sparse (B, T, C)``, ``dense (B, C, h, w)`` go through together.
     ``dense_pe (1, C, h, w)``: the embedding grid's positional encoding, when already computed (default:
@@ -209,7 +212,8 @@ def decode_many(
     mask_inputs: torch.Tensor | None = None,
     multimask_output: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One image, ``P`` prompt sets, one call of SAM's own mask decoder (the fast path for serving).
+    """One image, ``P`` prompt sets, one decoder pass: :func:`predict_masks_paired` with the image's
+    embedding expanded (not copied) to the ``P`` prompt sets, as ``MaskDecoder.forward`` repeats it.
 
     Args:
         embedding: ``(1, C, h, w)`` (or ``(C, h, w)``).
@@ -225,13 +229,8 @@ def decode_many(
         raise ValueError(f"decode_many takes the embedding of one image, got a batch of {embedding.shape[0]}")
     count = next((t.shape[0] for t in (points, boxes, mask_inputs) if t is not None), 1)
     sparse, dense = _prompt_embeddings(sam, count, points, point_labels, boxes, mask_inputs)
-    return sam.mask_decoder(
-        image_embeddings=embedding,
-        image_pe=sam.prompt_encoder.get_dense_pe(),
-        sparse_prompt_embeddings=sparse,
-        dense_prompt_embeddings=dense,
-        multimask_output=multimask_output,
-    )
+    masks, iou = predict_masks_paired(sam, embedding.expand(count, -1, -1, -1), sparse, dense)
+    return select_masks(masks, iou, multimask_output)
 
 
 def logits_to_canvas(low_res_logits: torch.Tensor) -> torch.Tensor:
