@@ -7,20 +7,19 @@ import json
 import pytest
 import torch
 
-from sam_medical.adapters.lora import (
-    LoRAQKV,
+from sam_medical.adapters.files import modules_to_save, read_adapter_meta
+from sam_medical.adapters.inject import (
     base_state_dict,
     inject_lora,
     is_lora_injected,
-    load_adapter,
     lora_config,
     lora_parameters,
     merge_lora,
-    read_adapter_meta,
-    save_adapter,
     set_trainable,
     unmerge_lora,
 )
+from sam_medical.adapters.layer import LoRAQKV
+from sam_medical.adapters.save_and_load import load_adapter, save_adapter
 from sam_medical.cli.main import main
 from sam_medical.errors import UserInputError
 from sam_medical.model import forward as sf
@@ -146,6 +145,7 @@ def test_adapter_round_trip_merge_and_full_model_export(tiny_model, canvases, tm
     assert meta == read_adapter_meta(path)
     assert meta["model"] == "tiny" and meta["rank"] == 4 and meta["alpha"] == 8.0 and meta["blocks"] == [1, 3]
     assert meta["train_decoder"] and meta["epochs"] == 3 and meta["version"] and meta["created"]
+    assert meta["modules_to_save"] == ["mask_decoder"] == modules_to_save(meta)  # PEFT's name for it
     raw = torch.load(path, weights_only=True)
     assert raw["format"] == "sam-medical-adapter" and "decoder" in raw
     assert all(".lora_" in k for k in raw["lora"]) and len(raw["lora"]) == 2 * 4
@@ -292,3 +292,9 @@ def test_describe_cli_tiny_and_errors(capsys, tmp_path):
     assert err.startswith("error: ") and "multiple of 16" in err and err.count("\n") == 1
     assert main(["describe", "--model", "vit_b", "--checkpoint", str(tmp_path / "none.pth")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_modules_to_save_of_files_written_before_the_key():
+    """Adapter files written before ``modules_to_save`` existed name the decoder by ``train_decoder``."""
+    assert modules_to_save({"train_decoder": True}) == ["mask_decoder"]
+    assert modules_to_save({"train_decoder": False}) == [] == modules_to_save({})

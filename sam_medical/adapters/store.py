@@ -2,7 +2,7 @@
 
 Layout of a store folder ``ROOT``::
 
-    ROOT/versions/<version>/adapter.pt     # a LoRA adapter file (sam_medical.adapters.lora), never modified
+    ROOT/versions/<version>/adapter.pt     # a LoRA adapter file (sam_medical.adapters.files), never modified
     ROOT/versions/<version>/meta.json      # its metadata, metrics and publication time
     ROOT/current.json                      # {"version", "path", "published", "metrics", "selected"}
 
@@ -12,7 +12,7 @@ complete ``current.json`` pointing at a complete adapter. Versions are kept: :me
 points ``current.json`` at an earlier one (or at ``"none"``, the base model without adapter).
 
 Version ids come from the adapter's own metadata (``meta["version"]``, made by
-:func:`sam_medical.adapters.lora.save_adapter`). They are checked against :data:`VERSION_PATTERN` before they are
+:func:`sam_medical.adapters.save_and_load.save_adapter`). They are checked against :data:`VERSION_PATTERN` before they are
 used as folder names: no ``/``, no ``..``, no leading dot.
 """
 
@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sam_medical.adapters.lora import CONVERTED_FROM_STATE, export_adapter, read_adapter_meta
+from sam_medical.adapters.files import CONVERTED_FROM_STATE, export_adapter, read_adapter_meta
 from sam_medical.atomic import atomic_path, write_json_atomic
 from sam_medical.errors import UserInputError
 
@@ -91,7 +91,7 @@ class ModelStore:
 
         The adapter is checked first (it must be a readable sam-medical adapter with a safe version id
         that is not already published). A training run's ``last.pt`` is accepted too: its adapter is
-        written out as a plain adapter file (:func:`sam_medical.adapters.lora.export_adapter`), without the
+        written out as a plain adapter file (:func:`sam_medical.adapters.files.export_adapter`), without the
         optimiser state. ``metrics`` (plain JSON values) are stored with it.
         """
         adapter_path = Path(adapter_path)
