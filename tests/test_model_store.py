@@ -8,7 +8,7 @@ import time
 import pytest
 from adapters import save_tiny_adapter
 
-from sam_medical.adapters.lora import read_adapter_meta
+from sam_medical.adapters.files import read_adapter_meta
 from sam_medical.adapters.store import ModelStore
 from sam_medical.errors import UserInputError
 

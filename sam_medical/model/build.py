@@ -305,7 +305,7 @@ def save_full_model(
     """
     import torch
 
-    from sam_medical.adapters.lora import base_state_dict
+    from sam_medical.adapters.inject import base_state_dict
     from sam_medical.atomic import atomic_path
 
     name = base_info["name"]

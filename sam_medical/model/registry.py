@@ -71,7 +71,7 @@ class ModelFamily:
         normalization: :data:`NORM_IMAGENET` or :data:`NORM_MINMAX`.
         layout: :data:`LAYOUT_IJ` or :data:`LAYOUT_JI`.
         lora_targets: ``"module:function"`` returning the attention layers LoRA adapts
-            (``fn(sam) -> list[LoRATarget]``, see :mod:`sam_medical.adapters.lora`).
+            (``fn(sam) -> list[LoRATarget]``, see :mod:`sam_medical.adapters.layer`).
         lora_description: what LoRA adapts, in words.
         prompts_trained: which prompt kinds the weights were trained with (``"box"``, ``"box, point"``).
         provenance: where the weights come from (one line).

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import torch
     from segment_anything.modeling import Sam
 
-    from sam_medical.adapters.lora import LoRATarget
+    from sam_medical.adapters.layer import LoRATarget
 
 PATCH_SIZE = 16
 
@@ -143,7 +143,7 @@ def construct_vit_family(name: str, image_size: int) -> Sam:
 
 def vit_lora_targets(sam: Sam) -> list[LoRATarget]:
     """Every encoder block's attention: its fused ``qkv`` is ``dim -> 3*dim`` with q, k, v in thirds."""
-    from sam_medical.adapters.lora import LoRATarget
+    from sam_medical.adapters.layer import LoRATarget
 
     targets = []
     for block in sam.image_encoder.blocks:
