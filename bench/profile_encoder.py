@@ -40,7 +40,8 @@ def summarise(times: list[float]) -> dict[str, float]:
 
 def sample_input(sam) -> tuple[torch.Tensor, torch.Tensor]:
     """The model input of the middle slice of ``phantom_000`` and a box around its centre."""
-    from sam_medical.inference.predictor import VolumeCache, VolumePredictor
+    from sam_medical.inference.caches import VolumeCache
+    from sam_medical.inference.predictor import VolumePredictor
     from sam_medical.model import forward as sf
 
     key, vol, _ = VolumeCache().load(REPO / "sample_volumes" / "phantom_000.nii.gz")

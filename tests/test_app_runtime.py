@@ -28,7 +28,8 @@ def sam_info(srv) -> dict:
 
 def torch_mask(fg: list[int]) -> np.ndarray:
     """The same click answered in process by the PyTorch model (``tiny``, seed 0)."""
-    from sam_medical.inference.predictor import VolumeCache, VolumePredictor
+    from sam_medical.inference.caches import VolumeCache
+    from sam_medical.inference.predictor import VolumePredictor
     from sam_medical.model.build import build_sam
 
     sam, _ = build_sam("tiny", image_size=256, seed=0)

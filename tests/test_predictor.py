@@ -9,16 +9,12 @@ import torch
 from sam_medical.canvas.geometry import SliceGeometry
 from sam_medical.canvas.preprocess import PreprocessOptions, volume_to_slices
 from sam_medical.errors import UserInputError
+from sam_medical.inference.caches import EmbeddingCache, VolumeCache
 from sam_medical.inference.engines import TorchEngine
-from sam_medical.inference.predictor import (
-    EmbeddingCache,
-    VolumeCache,
-    VolumePredictor,
-    clip_box,
-    neighbours,
-    window_options,
-)
+from sam_medical.inference.predictor import VolumePredictor
+from sam_medical.inference.volume_slices import clip_box, neighbours
 from sam_medical.model import forward as sam_forward
+from sam_medical.volume.intensity import window_options
 from sam_medical.volume.io import Volume, write_volume
 
 I_SIZE, J_SIZE, K_SIZE = 40, 100, 6  # not square: an x/y swap cannot go unnoticed

@@ -110,3 +110,28 @@ def resolve_window(
     if hi <= lo:
         hi = lo + 1.0
     return IntensityWindow(lo=lo, hi=hi, modality="mr", name="percentile_0.5_99.5")
+
+
+def window_options(window: str | None) -> tuple[str, str | None]:
+    """The app/CLI ``window`` option -> ``(modality, window)`` for :func:`resolve_window`.
+
+    * ``"auto"`` (or empty): modality detected per volume; CT gets the default abdomen window
+      (L40/W400), MR the 0.5-99.5 percentile clip -- exactly what ``sam-medical preprocess`` does by
+      default;
+    * ``"ct"`` / ``"mr"``: force the modality (CT with the default window);
+    * a preset (``abdomen``, ``soft_tissue``, ``bone``, ``lung``) or ``"L,W"``: a CT window.
+
+    Training in the app preprocesses with the same pair, so what the model learns is what it is asked.
+
+    Raises:
+        UserInputError: an unknown preset or a malformed ``L,W``.
+    """
+    text = (window or "auto").strip().lower()
+    if text == "auto":
+        return "auto", None
+    if text in ("ct", "mr"):
+        return text, None
+    if text in WINDOW_PRESETS:
+        return "ct", text
+    parse_window(text)  # validates "L,W" (raises UserInputError with the accepted forms)
+    return "ct", text

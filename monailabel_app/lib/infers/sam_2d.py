@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from sam_medical.errors import UserInputError
-from sam_medical.inference.predictor import VolumePredictor, check_slice_index, neighbours
+from sam_medical.inference.predictor import VolumePredictor
+from sam_medical.inference.volume_slices import check_slice_index, neighbours
 from sam_medical.volume.io import Volume
 
 from ..served_model import ServedModel

@@ -1,0 +1,148 @@
+"""A volume's slices as the model sees them, and voxel prompts checked and mapped onto the canvas.
+
+* :class:`PreparedVolume`: a volume ``(I, J, K)`` (stored IJK order) with its intensity window resolved
+  once; slice ``k`` (``volume[:, :, k]``, height ``I``, width ``J``) becomes a ``256 x 256 x 3`` uint8
+  canvas exactly as training's preprocessing makes it.
+* Prompts arrive in voxel indices: clicks ``(i, j)``, an ROI ``(i0, i1, j0, j1)``. They are checked
+  (:class:`UserInputError` with a message for the user) and mapped to a
+  :class:`~sam_medical.inference.decoding.CanvasPrompt`: click ``(i, j)`` -> canvas ``(x, y)`` =
+  ``SliceGeometry.point_to_model(i, j)``, ROI -> canvas box ``(x0, y0, x1, y1)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from sam_medical.canvas.geometry import SliceGeometry
+from sam_medical.errors import UserInputError
+from sam_medical.inference.decoding import CanvasPrompt
+from sam_medical.volume.intensity import IntensityWindow
+from sam_medical.volume.io import Volume
+
+# --- prepared volumes ------------------------------------------------------------------------------
+
+
+@dataclass
+class PreparedVolume:
+    """A volume with its intensity window resolved once; makes canvases on demand.
+
+    ``volume.array`` is ``(I, J, K)``; :meth:`canvas` returns slice ``k`` as a ``(256, 256, 3)`` uint8
+    canvas, exactly as :func:`sam_medical.canvas.preprocess.volume_to_slices` makes training slices.
+    """
+
+    image_key: str
+    volume: Volume
+    window: IntensityWindow
+    geometry: SliceGeometry
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.volume.shape
+
+    def canvas(self, k: int) -> np.ndarray:
+        """Slice ``k`` -> ``(256, 256, 3)`` uint8 canvas (windowed, resized, zero-padded)."""
+        kji = self.volume.array.transpose(2, 1, 0)  # contiguous (K, J, I) view
+        return self.geometry.image_to_model(self.window.apply(kji[int(k)].T))
+
+
+# --- prompt checks ---------------------------------------------------------------------------------
+
+
+def as_points(points: Iterable[Sequence[float]] | None, what: str) -> np.ndarray:
+    """``[(i, j), ...]`` -> ``(N, 2)`` float64 (extra coordinates, e.g. ``k``, are refused)."""
+    if points is None:
+        return np.zeros((0, 2), np.float64)
+    try:
+        arr = np.asarray([[float(v) for v in p] for p in points], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise UserInputError(f"{what} points must be lists of numbers [i, j], got {points!r}") from None
+    if arr.size == 0:
+        return np.zeros((0, 2), np.float64)
+    if arr.ndim != 2 or arr.shape[1] != 2:
+        raise UserInputError(f"{what} points must be [i, j] pairs, got {points!r}")
+    if not np.isfinite(arr).all():
+        raise UserInputError(f"{what} points must be finite numbers, got {points!r}")
+    return arr
+
+
+def check_slice_index(k: Any, depth: int) -> int:
+    """``k`` as an int in ``0..depth-1``, else :class:`UserInputError`."""
+    try:
+        kk = int(k)
+        if kk != float(k):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise UserInputError(f"slice index must be an integer, got {k!r}") from None
+    if not 0 <= kk < depth:
+        raise UserInputError(f"slice {kk} is outside the volume: it has {depth} slices (0..{depth - 1})")
+    return kk
+
+
+def check_points_inside(points: np.ndarray, shape_ij: tuple[int, int], what: str) -> None:
+    """Refuse points outside ``0..I-1 x 0..J-1`` with a message naming the first offender."""
+    h, w = shape_ij
+    bad = (points[:, 0] < 0) | (points[:, 0] > h - 1) | (points[:, 1] < 0) | (points[:, 1] > w - 1)
+    if bad.any():
+        i, j = points[np.flatnonzero(bad)[0]]
+        raise UserInputError(
+            f"{what} point [i={i:g}, j={j:g}] is outside the slice: i must be in 0..{h - 1} and j in 0..{w - 1}"
+        )
+
+
+def clip_box(box_ij: Sequence[float], shape_ij: tuple[int, int]) -> tuple[int, int, int, int]:
+    """ROI ``(i0, i1, j0, j1)`` in any order -> ordered, rounded and clipped to the slice.
+
+    Raises:
+        UserInputError: malformed, or entirely outside the slice.
+    """
+    try:
+        vals = [float(v) for v in box_ij]
+    except (TypeError, ValueError):
+        raise UserInputError(f"box must be 4 numbers [i0, i1, j0, j1], got {box_ij!r}") from None
+    if len(vals) != 4 or not np.isfinite(vals).all():
+        raise UserInputError(f"box must be 4 finite numbers [i0, i1, j0, j1], got {box_ij!r}")
+    h, w = shape_ij
+    i0, i1 = sorted(vals[0:2])
+    j0, j1 = sorted(vals[2:4])
+    if i1 < 0 or i0 > h - 1 or j1 < 0 or j0 > w - 1:
+        raise UserInputError(
+            f"box i {i0:g}..{i1:g}, j {j0:g}..{j1:g} is entirely outside the slice (i 0..{h - 1}, j 0..{w - 1})"
+        )
+    ci0, ci1 = int(round(max(0.0, i0))), int(round(min(h - 1.0, i1)))
+    cj0, cj1 = int(round(max(0.0, j0))), int(round(min(w - 1.0, j1)))
+    return ci0, ci1, cj0, cj1
+
+
+def canvas_prompt(
+    geom: SliceGeometry,
+    fg: np.ndarray,
+    bg: np.ndarray,
+    box: tuple[int, int, int, int] | None,
+    mask_input: torch.Tensor | None,
+) -> CanvasPrompt:
+    """Voxel prompts on one slice -> a :class:`CanvasPrompt`: clicks ``fg``, ``bg`` ``(N, 2)`` ``(i, j)``
+    become canvas ``(x, y)`` with labels 1 / 0 (foreground first), the box ``(i0, i1, j0, j1)`` becomes
+    canvas ``(x0, y0, x1, y1)`` (:class:`SliceGeometry`)."""
+    points = labels = None
+    if len(fg) or len(bg):
+        points = np.asarray([geom.point_to_model(i, j) for i, j in np.concatenate([fg, bg])], np.float32)
+        labels = np.asarray([1] * len(fg) + [0] * len(bg), np.int64)
+    canvas_box = np.asarray(geom.box_to_model(*box), np.float32) if box is not None else None
+    return CanvasPrompt(points=points, point_labels=labels, box=canvas_box, mask_input=mask_input)
+
+
+def neighbours(k: int, count: int, depth: int) -> list[int]:
+    """Up to ``count`` slice indices nearest to ``k`` inside ``0..depth-1``: ``k+1, k-1, k+2, k-2, ...``."""
+    out: list[int] = []
+    step = 1
+    while len(out) < count and step < depth:
+        for cand in (k + step, k - step):
+            if 0 <= cand < depth and len(out) < count:
+                out.append(cand)
+        step += 1
+    return out
