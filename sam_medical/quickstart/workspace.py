@@ -24,6 +24,7 @@ from pathlib import Path
 
 from sam_medical.atomic import atomic_path
 from sam_medical.errors import UserInputError
+from sam_medical.quickstart.samples import make_samples
 from sam_medical.volume.label_names import LABELS_FILE
 
 #: Folders of the app that the server writes, or Python caches: never copied, never removed.
@@ -84,8 +85,6 @@ def copy_samples(source: Path | None, target: Path) -> None:
             if (source / LABELS_FILE).is_file():  # the label names the app shows in Slicer
                 shutil.copy2(source / LABELS_FILE, tmp / LABELS_FILE)
         else:
-            from sam_medical.quickstart.samples import make_samples
-
             make_samples(tmp, 4, 0)
         os.replace(tmp, target)  # the datastore appears complete, or not at all
     finally:
