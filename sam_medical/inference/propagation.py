@@ -25,7 +25,7 @@ the next ``encode_batch`` slices of the walk are encoded in one batch before it 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -155,90 +155,121 @@ def propagate(
     i_size, j_size, k_size = volume.shape
     out_kji = np.zeros((k_size, j_size, i_size), np.uint8)  # slice-major: a slice is contiguous
     out = out_kji.transpose(2, 1, 0)  # the (I, J, K) view returned
-    per_slice: list[dict[str, Any]] = []
-    states: dict[str, int] = {}
-
-    def record(
-        k: int, mask: np.ndarray, info: dict[str, Any], accepted: bool, reason: str | None = None
-    ) -> None:
-        state = info.get("embedding")
-        if state:
-            states[state] = states.get(state, 0) + 1
-        entry = {"k": int(k), "area": int(mask.sum()), "iou": round(float(info.get("iou", 0.0)), 4)}
-        entry.update({"embedding": state, "accepted": accepted})
-        if reason:
-            entry["reason"] = reason
-        per_slice.append(entry)
-
-    # engines that batch (a GPU) encode the slices ahead of the walk ``encode_batch`` at a time; on the
-    # CPU a batch is no cheaper per slice, and the walk encodes each slice as it reaches it
-    encode_ahead = getattr(predictor, "encode_ahead", None)
-    batch = int(getattr(predictor, "encode_batch", 1)) if encode_ahead is not None else 1
+    log = _WalkLog()
     first, info0 = predictor.segment_slice(image_key, volume, k0, fg, bg, box, None)
     first = np.asarray(first, dtype=bool)
     if opts.keep_overlapping and first.any():
         first = keep_prompted(first, fg, box)
     stopped: dict[str, str] = {}
     if not first.any():
-        record(k0, first, info0, False, "empty on the prompted slice")
+        log.record(k0, first, info0, False, "empty on the prompted slice")
         stopped = {"up": "empty on the prompted slice", "down": "empty on the prompted slice"}
     else:
-        record(k0, first, info0, True)
+        log.record(k0, first, info0, True)
         out[:, :, k0][first] = label
         for name, step in (("up", 1), ("down", -1)):
-            prev, prev_info = first, info0
-            prev_area = int(first.sum())
-            k = k0 + step
-            done = 0
-            reason = "end of the volume"
-            while 0 <= k < k_size:
-                if opts.max_slices is not None and done >= opts.max_slices:
-                    reason = f"max_slices {opts.max_slices}"
-                    break
-                box_k = mask_box(prev, opts.box_margin, (i_size, j_size)) if opts.use_box else None
-                fg_k = None
-                if opts.use_point:
-                    x, y = interior_point(prev)
-                    fg_k = [(y, x)]  # interior_point answers (x=j, y=i)
-                mask_in = prev_info.get("low_res_logits") if opts.use_mask_input else None
-                if batch > 1:  # a no-op while the slices ahead are cached
-                    encode_ahead(image_key, volume, range(k, k + step * batch, step))
-                mask, info = predictor.segment_slice(image_key, volume, k, fg_k, None, box_k, mask_in)
-                mask = np.asarray(mask, dtype=bool)
-                if opts.keep_overlapping:
-                    mask = keep_touching(mask, prev)
-                area = int(mask.sum())
-                iou = float(info.get("iou", 1.0))
-                reason = None
-                if area == 0:
-                    reason = "empty mask"
-                elif area < opts.min_area:
-                    reason = f"area {area} < min_area {opts.min_area}"
-                elif area > opts.max_growth * prev_area:
-                    reason = f"area jumped {prev_area} -> {area} (> x{opts.max_growth:g})"
-                elif area < opts.min_shrink * prev_area:
-                    reason = f"area dropped {prev_area} -> {area} (< x{opts.min_shrink:g})"
-                elif iou < opts.min_iou:
-                    reason = f"predicted IoU {iou:.3f} < {opts.min_iou:g}"
-                if reason is not None:
-                    record(k, mask, info, False, reason)
-                    break
-                record(k, mask, info, True)
-                out[:, :, k][mask] = label
-                prev, prev_info, prev_area = mask, info, area
-                done += 1
-                k += step
-            else:
-                reason = "end of the volume"
-            stopped[name] = reason or "end of the volume"
-    slices = sorted(e["k"] for e in per_slice if e["accepted"])
+            walk = _Walk(predictor, image_key, volume, opts, out, label, log)
+            stopped[name] = walk.run(k0, step, first, info0)
     info = {
         "k0": int(k0),
-        "slices": slices,
+        "slices": sorted(e["k"] for e in log.per_slice if e["accepted"]),
         "stopped": stopped,
-        "per_slice": sorted(per_slice, key=lambda e: e["k"]),
-        "embeddings": states,
+        "per_slice": sorted(log.per_slice, key=lambda e: e["k"]),
+        "embeddings": log.states,
         "options": asdict(opts),
         "seconds": round(time.perf_counter() - t0, 4),
     }
     return out, info
+
+
+@dataclass
+class _WalkLog:
+    """What the walk did per slice (``per_slice`` entries) and how each embedding was had (``states``)."""
+
+    per_slice: list[dict[str, Any]] = field(default_factory=list)
+    states: dict[str, int] = field(default_factory=dict)
+
+    def record(
+        self, k: int, mask: np.ndarray, info: dict[str, Any], accepted: bool, reason: str | None = None
+    ) -> None:
+        state = info.get("embedding")
+        if state:
+            self.states[state] = self.states.get(state, 0) + 1
+        entry = {"k": int(k), "area": int(mask.sum()), "iou": round(float(info.get("iou", 0.0)), 4)}
+        entry.update({"embedding": state, "accepted": accepted})
+        if reason:
+            entry["reason"] = reason
+        self.per_slice.append(entry)
+
+
+def stop_reason(area: int, prev_area: int, iou: float, opts: PropagationOptions) -> str | None:
+    """Why the walk stops at a slice whose mask has ``area`` voxels and predicted ``iou`` (None: go on)."""
+    if area == 0:
+        return "empty mask"
+    if area < opts.min_area:
+        return f"area {area} < min_area {opts.min_area}"
+    if area > opts.max_growth * prev_area:
+        return f"area jumped {prev_area} -> {area} (> x{opts.max_growth:g})"
+    if area < opts.min_shrink * prev_area:
+        return f"area dropped {prev_area} -> {area} (< x{opts.min_shrink:g})"
+    if iou < opts.min_iou:
+        return f"predicted IoU {iou:.3f} < {opts.min_iou:g}"
+    return None
+
+
+@dataclass
+class _Walk:
+    """One direction of the walk: prompts slice after slice from the last accepted mask, writes ``out``."""
+
+    predictor: SlicePredictor
+    image_key: str
+    volume: Volume
+    opts: PropagationOptions
+    out: np.ndarray
+    label: int
+    log: _WalkLog
+
+    def run(self, k0: int, step: int, first: np.ndarray, info0: dict[str, Any]) -> str:
+        """Walk from ``k0`` by ``step`` (+1 up, -1 down); return why it stopped."""
+        opts, k_size = self.opts, self.volume.shape[2]
+        prev, prev_info, prev_area = first, info0, int(first.sum())
+        k, done = k0 + step, 0
+        while 0 <= k < k_size:
+            if opts.max_slices is not None and done >= opts.max_slices:
+                return f"max_slices {opts.max_slices}"
+            mask, info = self._segment(k, step, prev, prev_info)
+            area = int(mask.sum())
+            reason = stop_reason(area, prev_area, float(info.get("iou", 1.0)), opts)
+            if reason is not None:
+                self.log.record(k, mask, info, False, reason)
+                return reason
+            self.log.record(k, mask, info, True)
+            self.out[:, :, k][mask] = self.label
+            prev, prev_info, prev_area = mask, info, area
+            done += 1
+            k += step
+        return "end of the volume"
+
+    def _segment(
+        self, k: int, step: int, prev: np.ndarray, prev_info: dict[str, Any]
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Slice ``k``'s mask ``(I, J)`` bool, prompted from the previous slice's mask and answer."""
+        opts = self.opts
+        i_size, j_size = self.volume.shape[:2]
+        box_k = mask_box(prev, opts.box_margin, (i_size, j_size)) if opts.use_box else None
+        fg_k = None
+        if opts.use_point:
+            x, y = interior_point(prev)
+            fg_k = [(y, x)]  # interior_point answers (x=j, y=i)
+        mask_in = prev_info.get("low_res_logits") if opts.use_mask_input else None
+        # engines that batch (a GPU) encode the slices ahead of the walk ``encode_batch`` at a time; on the
+        # CPU a batch is no cheaper per slice, and the walk encodes each slice as it reaches it
+        encode_ahead = getattr(self.predictor, "encode_ahead", None)
+        batch = int(getattr(self.predictor, "encode_batch", 1)) if encode_ahead is not None else 1
+        if batch > 1:  # a no-op while the slices ahead are cached
+            encode_ahead(self.image_key, self.volume, range(k, k + step * batch, step))
+        mask, info = self.predictor.segment_slice(self.image_key, self.volume, k, fg_k, None, box_k, mask_in)
+        mask = np.asarray(mask, dtype=bool)
+        if opts.keep_overlapping:
+            mask = keep_touching(mask, prev)
+        return mask, info
