@@ -51,7 +51,7 @@ def make_ct(folder: Path, shape=(512, 512, 200), seed: int = 0) -> Path:
 def load_floor(dataset: Path) -> float:
     import nibabel as nib
 
-    from sam_medical.canvas.preprocess import find_cases
+    from sam_medical.volume.dataset_layout import find_cases
 
     cases, _, _ = find_cases(dataset)
     t = time.perf_counter()

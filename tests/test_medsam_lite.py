@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from sam_medical.adapters import lora
+from sam_medical.adapters.inject import inject_lora, lora_parameters, lora_targets, merge_lora, unmerge_lora
+from sam_medical.adapters.save_and_load import load_adapter, save_adapter
 from sam_medical.errors import UserInputError
-from sam_medical.evaluation.run import ObjectPrompt, SamSlicePredictor, SliceRequest
+from sam_medical.evaluation.served_sam import ServedSam
+from sam_medical.evaluation.slice_requests import ObjectPrompt, SliceRequest
 from sam_medical.model import forward as sf
 from sam_medical.model.build import build_sam
 from sam_medical.model.registry import get_family
@@ -49,7 +51,8 @@ def reference():
 @pytest.fixture(scope="module")
 def sample_slices(tmp_path_factory):
     """``(imgs, gts)`` of the bundled sample volume phantom_000 (preprocessed as the CLI does)."""
-    from sam_medical.canvas.preprocess import PreprocessOptions, find_cases, preprocess_cases
+    from sam_medical.canvas.preprocess import PreprocessOptions, preprocess_cases
+    from sam_medical.volume.dataset_layout import find_cases
 
     out = tmp_path_factory.mktemp("npz")
     cases, _, _ = find_cases(REPO / "sample_volumes")
@@ -142,7 +145,7 @@ def test_evaluate_predictor_agrees_with_the_reference_forward(lite, reference, s
         bxs = [tight_box(gts[r] == v) for v in objs]
         boxes.append(bxs)
         requests.append(SliceRequest(imgs[r], [ObjectPrompt(box=b) for b in bxs], []))
-    preds = SamSlicePredictor(sam).predict(requests)
+    preds = ServedSam(sam).predict(requests)
     total = 0
     for r, pred, bxs in zip(rows, preds, boxes, strict=True):
         x = sf.canvas_to_input(sam, torch.from_numpy(imgs[r])[None])
@@ -162,7 +165,7 @@ def test_box_prompts_segment_the_sample_organs(lite, sample_slices):
     dices = []
     for r in np.linspace(0, len(imgs) - 1, 6).astype(int):
         objs = [v for v in np.unique(gts[r]) if v]
-        pred = SamSlicePredictor(sam).predict(
+        pred = ServedSam(sam).predict(
             [SliceRequest(imgs[r], [ObjectPrompt(box=tight_box(gts[r] == v)) for v in objs], [])]
         )[0]
         for v, logits in zip(objs, pred.logits, strict=True):
@@ -176,9 +179,9 @@ def test_box_prompts_segment_the_sample_organs(lite, sample_slices):
 
 def test_lora_count_and_describe_command():
     sam, _ = build_sam("medsam_lite", random_weights=True)
-    blocks = lora.inject_lora(sam, rank=4)
+    blocks = inject_lora(sam, rank=4)
     assert blocks == list(range(10))
-    assert sum(p.numel() for p in lora.lora_parameters(sam)) == 29_696
+    assert sum(p.numel() for p in lora_parameters(sam)) == 29_696
     out = subprocess.run(
         [
             sys.executable,
@@ -212,20 +215,20 @@ def test_fresh_adapter_changes_nothing_and_merge_round_trips(lite, canvases):
 
     sam = copy.deepcopy(lite[0])
     before = _outputs(sam, canvases[:1])
-    lora.inject_lora(sam, rank=4, seed=0)
+    inject_lora(sam, rank=4, seed=0)
     for a, b in zip(before, _outputs(sam, canvases[:1]), strict=True):
         assert (a - b).abs().max() <= 1e-6
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for p in lora.lora_parameters(sam):
+        for p in lora_parameters(sam):
             p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     adapted = _outputs(sam, canvases[:1])
     assert (adapted[0] - before[0]).abs().max() > 1e-3  # the adapter does something
     weights = {k: v.clone() for k, v in sam.state_dict().items() if k.endswith("qkv.weight")}
-    lora.merge_lora(sam)
+    merge_lora(sam)
     merged = _outputs(sam, canvases[:1])
     assert torch.allclose(merged[1], adapted[1], atol=1e-3)
-    lora.unmerge_lora(sam)
+    unmerge_lora(sam)
     for k, v in sam.state_dict().items():
         if k in weights:
             assert torch.allclose(v, weights[k], atol=1e-6)
@@ -236,13 +239,13 @@ def test_adapter_updates_exactly_q_and_v_per_head(lite):
     import copy
 
     sam = copy.deepcopy(lite[0])
-    lora.inject_lora(sam, rank=4, seed=0)
+    inject_lora(sam, rank=4, seed=0)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
-        for p in lora.lora_parameters(sam):
+        for p in lora_parameters(sam):
             p.copy_(torch.randn(p.shape, generator=g))
     checked = 0
-    for target in lora.lora_targets(sam):
+    for target in lora_targets(sam):
         attn, qkv = target.owner, target.owner.qkv
         x = torch.randn(2, 49, qkv.dim, generator=g)
         with torch.no_grad():
@@ -267,9 +270,9 @@ def test_adapter_file_is_small_and_tied_to_the_base_digest(lite, tmp_path):
     import copy
 
     sam, info = copy.deepcopy(lite[0]), lite[1]
-    lora.inject_lora(sam, rank=4, seed=0)
+    inject_lora(sam, rank=4, seed=0)
     path = tmp_path / "adapter.pt"
-    meta = lora.save_adapter(
+    meta = save_adapter(
         sam,
         path,
         base_info=info,
@@ -282,17 +285,19 @@ def test_adapter_file_is_small_and_tied_to_the_base_digest(lite, tmp_path):
     assert path.stat().st_size < 200 * 1024
     assert meta["weights_digest"] == f"sha256:{SHA}" and meta["lora_params"] == 29_696
     fresh, fresh_info = build_sam("medsam_lite")
-    lora.load_adapter(fresh, path, base_info=fresh_info)
+    load_adapter(fresh, path, base_info=fresh_info)
     other = dict(fresh_info, weights_digest="sha256:" + "0" * 64)
     with pytest.raises(UserInputError, match="digest"):
-        lora.load_adapter(build_sam("medsam_lite")[0], path, base_info=other)
+        load_adapter(build_sam("medsam_lite")[0], path, base_info=other)
 
 
 def test_training_leaves_the_base_weights_bit_identical(tmp_path):
     """Two LoRA + decoder steps on the sample volumes: only adapter and decoder tensors change, and the
     BatchNorm statistics stay frozen (the model trains in eval mode)."""
-    from sam_medical.canvas.preprocess import PreprocessOptions, find_cases, preprocess_cases
-    from sam_medical.training.trainer import TrainConfig, Trainer
+    from sam_medical.canvas.preprocess import PreprocessOptions, preprocess_cases
+    from sam_medical.volume.dataset_layout import find_cases
+    from sam_medical.training.config import TrainConfig
+    from sam_medical.training.trainer import Trainer
 
     cases, _, _ = find_cases(REPO / "sample_volumes")
     preprocess_cases(cases[:2], tmp_path / "npz", PreprocessOptions())

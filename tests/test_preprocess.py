@@ -11,7 +11,8 @@ import pytest
 import SimpleITK as sitk
 
 from sam_medical.canvas.geometry import SliceGeometry
-from sam_medical.canvas.preprocess import PreprocessOptions, find_cases, preprocess_case
+from sam_medical.canvas.preprocess import PreprocessOptions, preprocess_case
+from sam_medical.volume.dataset_layout import find_cases
 from sam_medical.canvas.slice_file import load_npz, read_meta
 from sam_medical.cli.main import main
 from sam_medical.errors import UserInputError

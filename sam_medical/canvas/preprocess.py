@@ -24,14 +24,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
+from tqdm import tqdm
 
 from sam_medical.atomic import write_json_atomic
 from sam_medical.canvas.geometry import MODEL_SLICE_SIZE, SliceGeometry
 from sam_medical.canvas.slice_file import save_npz
 from sam_medical.errors import UserInputError, library_detail
 from sam_medical.outdir import prepare_output_dir, remove_created
+from sam_medical.volume.dataset_layout import CasePair
 from sam_medical.volume.intensity import IntensityWindow, resolve_window
-from sam_medical.volume.io import Volume, image_stem, is_image_file, load_label, load_volume
+from sam_medical.volume.io import Volume, image_stem, load_label, load_volume
+from sam_medical.volume.label_names import check_label_names
 
 
 @dataclass
@@ -54,18 +58,7 @@ class PreprocessOptions:
         if self.min_area < 0:
             raise UserInputError(f"--min-area must be >= 0, got {self.min_area}")
         if self.label_names is not None:
-            from sam_medical.volume.label_names import check_label_names
-
             self.label_names = check_label_names(self.label_names, "label names")
-
-
-@dataclass
-class CasePair:
-    """One image and its label map."""
-
-    name: str
-    image: Path
-    label: Path
 
 
 @dataclass
@@ -79,69 +72,6 @@ class SliceSet:
     window: IntensityWindow
     label_values: list[int]
     stats: dict = field(default_factory=dict)
-
-
-# --- finding cases --------------------------------------------------------------------------------
-
-
-#: Image and label file stems of the per-case folder layout (``<case>/image.nii.gz`` + ``label.nii.gz``;
-#: KiTS-style ``imaging``/``segmentation`` too).
-CASE_FOLDER_IMAGES = ("image", "imaging", "img")
-CASE_FOLDER_LABELS = ("label", "segmentation", "seg", "mask")
-
-
-def _case_folder_pair(folder: Path) -> tuple[Path | None, Path | None]:
-    """``(image, label)`` files of one case folder (None where missing)."""
-    files = {image_stem(p).lower(): p for p in sorted(folder.iterdir()) if p.is_file() and is_image_file(p)}
-    image = next((files[s] for s in CASE_FOLDER_IMAGES if s in files), None)
-    label = next((files[s] for s in CASE_FOLDER_LABELS if s in files), None)
-    return image, label
-
-
-def find_cases(dataset: str | os.PathLike) -> tuple[list[CasePair], str, list[str]]:
-    """Detect the layout of ``dataset`` and pair images with labels.
-
-    Layouts: MONAI Label datastore (images at the top, labels in ``labels/final/`` under the same
-    names), Medical Segmentation Decathlon (``imagesTr/`` + ``labelsTr/``), or one folder per case
-    (``<case>/image.nii.gz`` + ``<case>/label.nii.gz``, the case named after its folder).
-    Returns ``(cases, layout, unlabelled_image_names)``.
-    """
-    root = Path(dataset)
-    if not root.is_dir():
-        raise UserInputError(f"dataset folder not found: {root}")
-    if (root / "imagesTr").is_dir():
-        layout, image_dir, label_dir = "msd", root / "imagesTr", root / "labelsTr"
-    elif (root / "labels" / "final").is_dir():
-        layout, image_dir, label_dir = "monailabel", root, root / "labels" / "final"
-    else:
-        folders = [d for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")]
-        pairs = [(d.name, *_case_folder_pair(d)) for d in folders]
-        cases = [CasePair(name, img, lab) for name, img, lab in pairs if img is not None and lab is not None]
-        if not cases:
-            raise UserInputError(
-                f"{root} is neither a MONAI Label datastore (images + labels/final/), a Decathlon folder "
-                "(imagesTr/ + labelsTr/) nor a folder of case folders (<case>/image.nii.gz + label.nii.gz)"
-            )
-        return cases, "case_folders", [name for name, img, lab in pairs if img is not None and lab is None]
-    labels = (
-        {image_stem(p): p for p in sorted(label_dir.iterdir()) if is_image_file(p)}
-        if label_dir.is_dir()
-        else {}
-    )
-    cases, unlabelled = [], []
-    for img in sorted(image_dir.iterdir()):
-        if not (img.is_file() and is_image_file(img)):
-            continue
-        name = image_stem(img)
-        if name in labels:
-            cases.append(CasePair(name, img, labels[name]))
-        else:
-            unlabelled.append(name)
-    if not cases:
-        raise UserInputError(
-            f"no labelled image found in {root} ({layout} layout, labels expected in {label_dir})"
-        )
-    return cases, layout, unlabelled
 
 
 def parse_label_list(text: str | None) -> tuple[int, ...] | None:
@@ -172,8 +102,6 @@ def select_labels(label_kji: np.ndarray, labels: Sequence[int] | None, min_area:
     if labels is not None:
         out[~np.isin(out, np.asarray(labels, dtype=np.uint8))] = 0
     if min_area > 1:
-        from scipy import ndimage
-
         for k in np.flatnonzero(out.reshape(out.shape[0], -1).any(axis=1)):
             sl = out[k]
             for value in np.unique(sl[sl > 0]):
@@ -370,7 +298,19 @@ def preprocess_cases(
             bar.update(1)
     bar.close()
     entries = [done[n] for n in names if n in done]
-    manifest = {
+    manifest = _manifest(options, extra, entries, failed, time.perf_counter() - start)
+    if entries:
+        write_json_atomic(out_dir / "manifest.json", manifest)
+    else:
+        remove_created(created)
+    return manifest
+
+
+def _manifest(
+    options: PreprocessOptions, extra: dict | None, entries: list[dict], failed: list[dict], seconds: float
+) -> dict:
+    """``manifest.json`` of a run: options, the cases written, the failures and the totals."""
+    return {
         "format": "sam-medical-manifest",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "options": asdict(options),
@@ -383,14 +323,9 @@ def preprocess_cases(
             "slices_kept": sum(e["slices_kept"] for e in entries),
             "slices_kept_empty": sum(e["slices_kept_empty"] for e in entries),
             "slices_skipped_empty": sum(e["slices_skipped_empty"] for e in entries),
-            "seconds": round(time.perf_counter() - start, 3),
+            "seconds": round(seconds, 3),
         },
     }
-    if entries:
-        write_json_atomic(out_dir / "manifest.json", manifest)
-    else:
-        remove_created(created)
-    return manifest
 
 
 def _collect(result: tuple, done: dict, failed: list, cases: list[CasePair]) -> None:
@@ -411,6 +346,4 @@ class _NoBar:
 def _progress(total: int, enabled: bool):
     if not enabled:
         return _NoBar()
-    from tqdm import tqdm
-
     return tqdm(total=total, unit="vol", desc="preprocess")

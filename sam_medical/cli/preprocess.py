@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
+
+from sam_medical.errors import UserInputError
+from sam_medical.volume.label_names import find_label_names, label_display, names_by_value, read_labels_file
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -58,60 +63,16 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
-    from sam_medical.canvas.preprocess import (
-        CasePair,
-        PreprocessOptions,
-        find_cases,
-        parse_label_list,
-        preprocess_cases,
-    )
-    from sam_medical.errors import UserInputError
-    from sam_medical.volume.io import image_stem
-    from sam_medical.volume.label_names import (
-        find_label_names,
-        label_display,
-        names_by_value,
-        read_labels_file,
-    )
+    from sam_medical.canvas.preprocess import preprocess_cases  # volume readers: keeps --help fast
 
     if args.label_names:
         names = read_labels_file(args.label_names)
     else:
-        names = find_label_names(_path(args.image).parent if args.image else _path(args.dataset))
-    options = PreprocessOptions(
-        modality=args.modality,
-        window=args.window,
-        labels=parse_label_list(args.labels),
-        min_area=args.min_area,
-        keep_empty=args.keep_empty,
-        seed=args.seed,
-        compress=not args.no_compress,
-        label_names=names or None,
-    )
+        names = find_label_names(Path(args.image).parent if args.image else Path(args.dataset))
+    options = _options(args, names)
     if args.workers < 1:
         raise UserInputError("--workers must be at least 1")
-    if args.image:
-        if not args.label:
-            raise UserInputError("--image needs --label")
-        cases, extra = (
-            [CasePair(image_stem(args.image), _path(args.image), _path(args.label))],
-            {"layout": "pair"},
-        )
-        if args.window is not None:
-            from sam_medical.volume.intensity import parse_window
-
-            parse_window(args.window)
-    else:
-        if args.label:
-            raise UserInputError("--label goes with --image, not with --dataset")
-        if args.window is not None:
-            from sam_medical.volume.intensity import parse_window
-
-            parse_window(args.window)
-        cases, layout, unlabelled = find_cases(args.dataset)
-        extra = {"layout": layout, "unlabelled_images": unlabelled}
+    cases, extra = _cases(args)
     manifest = preprocess_cases(
         cases,
         args.out,
@@ -128,7 +89,45 @@ def run(args: argparse.Namespace) -> int:
             f"none of the {len(cases)} cases could be preprocessed (nothing written); "
             f"e.g. {first['case']}: {first['error']}"
         )
-    totals = manifest["totals"]
+    return _report(args, manifest, names, len(cases))
+
+
+def _options(args: argparse.Namespace, names: dict[str, int]):
+    """The run's ``PreprocessOptions`` from the command line and the label names found."""
+    from sam_medical.canvas.preprocess import PreprocessOptions, parse_label_list  # keeps --help fast
+
+    return PreprocessOptions(
+        modality=args.modality,
+        window=args.window,
+        labels=parse_label_list(args.labels),
+        min_area=args.min_area,
+        keep_empty=args.keep_empty,
+        seed=args.seed,
+        compress=not args.no_compress,
+        label_names=names or None,
+    )
+
+
+def _cases(args: argparse.Namespace) -> tuple[list, dict]:
+    """``(cases, manifest extra)``: the ``--image``/``--label`` pair, or the cases of ``--dataset``."""
+    from sam_medical.volume.dataset_layout import CasePair, find_cases  # keeps --help fast
+    from sam_medical.volume.intensity import parse_window  # numpy: keeps --help fast
+    from sam_medical.volume.io import image_stem  # numpy: keeps --help fast
+
+    if args.image and not args.label:
+        raise UserInputError("--image needs --label")
+    if not args.image and args.label:
+        raise UserInputError("--label goes with --image, not with --dataset")
+    if args.window is not None:
+        parse_window(args.window)
+    if args.image:
+        return [CasePair(image_stem(args.image), Path(args.image), Path(args.label))], {"layout": "pair"}
+    cases, layout, unlabelled = find_cases(args.dataset)
+    return cases, {"layout": layout, "unlabelled_images": unlabelled}
+
+
+def _report(args: argparse.Namespace, manifest: dict, names: dict[str, int], n_cases: int) -> int:
+    """Print one line per case, the failures and the totals (JSON); exit status 2 if any case failed."""
     by_value = names_by_value(names)
     for case in manifest["cases"]:
         labels = ", ".join(label_display(v, by_value) for v in case["labels"])
@@ -138,17 +137,11 @@ def run(args: argparse.Namespace) -> int:
         )
     for bad in manifest["failed"]:
         print(f"FAILED {bad['case']}: {bad['error']}", file=sys.stderr)
-    print(json.dumps({"out": str(args.out), **totals}))
+    print(json.dumps({"out": str(args.out), **manifest["totals"]}))
     if manifest["failed"]:
         print(
-            f"error: {len(manifest['failed'])} of {len(cases)} cases failed (listed above and in manifest.json)",
+            f"error: {len(manifest['failed'])} of {n_cases} cases failed (listed above and in manifest.json)",
             file=sys.stderr,
         )
         return 2
     return 0
-
-
-def _path(p: str):
-    from pathlib import Path
-
-    return Path(p)
