@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -150,12 +151,9 @@ def build_sam(
 
     path: Path | None = None
     digests: dict[str, Any] = {"checkpoint_md5": None, "weights_digest": None}
-    if not random_weights:
-        if checkpoint is not None or not fam.random_by_design:
-            path, digests = resolve_weights(name, checkpoint, cache_dir, download)
-        else:
-            random_weights = True
-
+    if not random_weights and (checkpoint is not None or not fam.random_by_design):
+        path, digests = resolve_weights(name, checkpoint, cache_dir, download)
+    random_weights = path is None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         sam = load_callable(fam.builder)(name, image_size)
@@ -172,6 +170,28 @@ def build_sam(
         "seed": int(seed),
     }
     return sam, base_info
+
+
+@dataclass(frozen=True)
+class BaseModelSpec:
+    """The arguments of :func:`build_sam`, written once: the base model a run, a server or an evaluation
+    builds. ``BaseModelSpec(...).build()`` is ``build_sam(name, **spec.kwargs())``."""
+
+    name: str = DEFAULT_MODEL
+    image_size: int | None = None
+    checkpoint: str | os.PathLike | None = None
+    random_weights: bool = False
+    seed: int = 0
+    cache_dir: str | os.PathLike | None = None
+    download: bool = True
+
+    def kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`build_sam` (all but ``name``)."""
+        return {k: v for k, v in asdict(self).items() if k != "name"}
+
+    def build(self) -> tuple[Sam, dict[str, Any]]:
+        """``(sam, base_info)``, see :func:`build_sam`."""
+        return build_sam(self.name, **self.kwargs())
 
 
 # --- checkpoint reading -------------------------------------------------------------------------
