@@ -148,7 +148,6 @@ def build_sam(
     image_size = check_image_size(fam.default_image_size if image_size is None else image_size, name)
     if random_weights and checkpoint is not None:
         raise UserInputError("give either a checkpoint or random weights, not both")
-
     path: Path | None = None
     digests: dict[str, Any] = {"checkpoint_md5": None, "weights_digest": None}
     if not random_weights and (checkpoint is not None or not fam.random_by_design):

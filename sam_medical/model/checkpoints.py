@@ -143,8 +143,6 @@ def download_official(
         UserInputError: no connection (names the file, the URL and where to put it by hand), a cut
             download, or an MD5 mismatch.
     """
-    from tqdm import tqdm
-
     official_name(name)  # validates the name
     fname, expected = OFFICIAL_CHECKPOINTS[name]
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -154,25 +152,12 @@ def download_official(
     disable = (not sys.stderr.isatty()) if progress is None else (not progress)
     try:
         with atomic_path(final) as tmp:
-            digest = hashlib.md5()
-            received = 0
-            with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
-                length = response.headers.get("Content-Length")
-                total = int(length) if length is not None and length.isdigit() else None
-                with tqdm(
-                    total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=fname, disable=disable
-                ) as bar:
-                    while block := response.read(_CHUNK):
-                        out.write(block)
-                        digest.update(block)
-                        received += len(block)
-                        bar.update(len(block))
+            received, total, got = _stream(url, tmp, timeout, fname, disable)
             if total is not None and received != total:
                 raise UserInputError(
                     f"download of {fname} from {url} was cut after {received} of {total} bytes; "
                     f"nothing was saved. Run it again, or {_manual_hint(fname, url, final)}"
                 )
-            got = digest.hexdigest()
             if got != expected:
                 raise UserInputError(
                     f"downloaded {fname} from {url} has MD5 {got} but the official {fname} has {expected}; "
@@ -191,6 +176,27 @@ def download_official(
         raise UserInputError(f"could not write {final} while downloading {url}: {exc}") from exc
     _DIGEST_MEMO[("md5", str(final.resolve()), final.stat().st_size, final.stat().st_mtime_ns)] = expected
     return final
+
+
+def _stream(url: str, target: Path, timeout: float, desc: str, disable: bool) -> tuple[int, int | None, str]:
+    """Copy ``url`` to ``target`` in chunks with a progress bar; ``(bytes received, Content-Length or None,
+    MD5 hex digest)``."""
+    from tqdm import tqdm  # a progress bar only when downloading: keeps --help fast
+
+    digest = hashlib.md5()
+    received = 0
+    with urllib.request.urlopen(url, timeout=timeout) as response, open(target, "wb") as out:
+        length = response.headers.get("Content-Length")
+        total = int(length) if length is not None and length.isdigit() else None
+        with tqdm(
+            total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=disable
+        ) as bar:
+            while block := response.read(_CHUNK):
+                out.write(block)
+                digest.update(block)
+                received += len(block)
+                bar.update(len(block))
+    return received, total, digest.hexdigest()
 
 
 def resolve_checkpoint(
