@@ -13,7 +13,7 @@ import pytest
 from adapters import save_tiny_adapter
 from slicer_harness import REPO, running_server, slicer_infer
 
-from sam_medical.inference.onnx_runtime import mask_dice
+from sam_medical.metrics import dice as mask_dice
 
 pytestmark = pytest.mark.server
 pytest.importorskip("onnxruntime")

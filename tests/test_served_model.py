@@ -23,7 +23,7 @@ def app_lib():
     sys.path.insert(0, str(APP))
     try:
         served = importlib.import_module("lib.served_model")
-        configs = importlib.import_module("lib.configs.sam")
+        configs = importlib.import_module("lib.settings")
     finally:
         sys.path.remove(str(APP))
     return served, configs
@@ -177,14 +177,14 @@ def test_onnx_runtime_serves_each_version_from_its_own_verified_export(tmp_path,
 
 def test_a_runtime_that_cannot_be_served_leaves_pytorch_serving(tmp_path, app_lib, monkeypatch):
     pytest.importorskip("onnxruntime")
-    from sam_medical.inference import onnx_runtime
+    from sam_medical.inference import export_cache, onnx_export
 
     served_mod, configs = app_lib
 
     def broken(*args, **kwargs):
-        raise onnx_runtime.ExportMismatch("the exported model disagrees with PyTorch")
+        raise onnx_export.ExportMismatch("the exported model disagrees with PyTorch")
 
-    monkeypatch.setattr(onnx_runtime, "load_or_export", broken)
+    monkeypatch.setattr(export_cache, "load_or_export", broken)
     conf = {"model": "tiny", "prefetch_slices": "0", "runtime": "onnx"}
     served = served_mod.ServedModel(configs.SamAppConfig.from_conf(tmp_path / "app", conf))
     served.load()

@@ -14,7 +14,7 @@ Engines (the ``runtime`` option):
 
 * ``torch`` (:class:`TorchEngine`): the PyTorch model itself, i.e. ``sam_forward.encode`` and
   ``sam_forward.decode_many``; on CUDA optionally under fp16/bf16 autocast, with batched encodes;
-* ``onnx``: the model exported to ONNX and run by ONNX Runtime (:mod:`sam_medical.inference.onnx_runtime`);
+* ``onnx``: the model exported to ONNX and run by ONNX Runtime (:mod:`sam_medical.inference.onnx_engine`, exported by :mod:`sam_medical.inference.onnx_export`; :func:`sam_medical.inference.runtime.build_engine` makes either);
 * ``openvino``: the same export, encoder run by OpenVINO (optional extra ``sam-medical[openvino]``),
   decoder by ONNX Runtime.
 
@@ -94,7 +94,7 @@ def check_precision(name: Any, option: str = "precision") -> str:
 def resolve_runtime(requested: str, device: torch.device, precision: str = "fp32") -> str:
     """The engine a ``runtime`` option gives on ``device``: ``torch``, ``onnx`` or ``openvino``.
 
-    ``auto`` is ``onnx`` on the CPU (exact masks, about twice as fast, see ``docs/README_speed_section.md``)
+    ``auto`` is ``onnx`` on the CPU (exact masks, about twice as fast, see README.md, section "Interactive latency")
     when ONNX Runtime is installed, else ``torch``; on CUDA it is ``torch``.
 
     Raises:
