@@ -9,11 +9,12 @@
 * one :class:`~sam_medical.inference.predictor.VolumePredictor` per served version over its own model object (a
   deep copy of the base with the adapter loaded and merged), all sharing one byte-bounded embedding
   cache whose keys hold the version;
-* a cache of loaded volumes (:class:`~sam_medical.inference.predictor.VolumeCache`).
+* a cache of loaded volumes (:class:`~sam_medical.inference.caches.VolumeCache`);
+* the runtime of each version (:class:`.served_export.ServedRuntime`).
 
 Runtime (``--conf runtime``): every predictor starts on PyTorch (:class:`~sam_medical.inference.engines.TorchEngine`).
 With ``onnx``/``openvino`` (``auto`` on the CPU), a background worker then loads the version's export
-from the cache, or exports, verifies and caches it (:func:`sam_medical.inference.onnx_runtime.load_or_export`: the
+from the cache, or exports, verifies and caches it (:func:`sam_medical.inference.export_cache.load_or_export`: the
 digest covers the base weights, the adapter file, the exporter and runtime versions), and swaps it into
 the predictor. At server start :meth:`ServedModel.load` waits for it, so the first click already runs
 the export; after a hot swap the new version answers at once on PyTorch (identical masks) and moves to its
@@ -31,63 +32,35 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from sam_medical.adapters import lora
+from sam_medical.adapters.inject import merge_lora
+from sam_medical.adapters.save_and_load import load_adapter
 from sam_medical.adapters.store import NO_ADAPTER, ModelStore, check_version_id
 from sam_medical.device import resolve_device
 from sam_medical.errors import UserInputError, library_detail
+from sam_medical.inference.caches import EmbeddingCache, VolumeCache
+from sam_medical.inference.decoding import check_multimask
 from sam_medical.inference.engines import TorchEngine, resolve_runtime
-from sam_medical.inference.predictor import EmbeddingCache, VolumeCache, VolumePredictor
-from sam_medical.model import forward as sam_forward
+from sam_medical.inference.export_cache import adapter_identity
+from sam_medical.inference.export_check import warm_up
+from sam_medical.inference.onnx_export import ExportError
+from sam_medical.inference.predictor import VolumePredictor
 from sam_medical.model.registry import get_family
 
-from .configs.sam import SamAppConfig, build_base_model
+from .served_export import ServedRuntime
+from .settings import SamAppConfig, build_base_model
 
 logger = logging.getLogger(__name__)
 
 BASE_VERSION = "base"
 #: Versions asked for explicitly by a request (``adapter`` param), kept besides the current one.
 EXTRA_VERSIONS = 2
-#: Exported engines kept in memory (current, extra and recently served versions).
-KEPT_ENGINES = 4
-
-
-class BackgroundJobs:
-    """One daemon thread running submitted callables in order (a server exit never waits for it)."""
-
-    def __init__(self, name: str) -> None:
-        self._queue: queue.Queue[tuple[Callable[[], None], threading.Event]] = queue.Queue()
-        self._name = name
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-
-    def submit(self, fn: Callable[[], None]) -> threading.Event:
-        """Queue ``fn``; the returned event is set when it has run (``fn`` must not raise)."""
-        done = threading.Event()
-        self._queue.put((fn, done))
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
-                self._thread.start()
-        return done
-
-    def _loop(self) -> None:
-        while True:
-            fn, done = self._queue.get()
-            try:
-                fn()
-            except Exception:  # noqa: BLE001 - the worker must survive; fn reports its own errors
-                logger.exception(f"sam_medical: background job failed in {self._name}")
-            finally:
-                done.set()
 
 
 def serving_threads(requested: int, device: torch.device) -> int:
@@ -123,11 +96,7 @@ class ServedModel:
         self.adapter_error: str | None = None
         self.load_seconds: float | None = None
         self.torch_threads: int | None = None
-        self.runtime: str | None = None  # resolved at load: torch, onnx or openvino
-        self._runtime_status: dict[str, dict[str, Any]] = {}  # per version: what serves it, export state
-        self._runtime_done: dict[str, threading.Event] = {}
-        self._engines: OrderedDict[str, Any] = OrderedDict()  # export digest -> engine
-        self._exporter = BackgroundJobs("sam-medical-export")
+        self.runtimes = ServedRuntime(config.runtime, config.exports_dir)
 
     # -- building ------------------------------------------------------------------------------
     def load(self) -> None:
@@ -141,8 +110,9 @@ class ServedModel:
                 cfg = self.config
                 t0 = time.perf_counter()
                 self.device = resolve_device(cfg.device)
-                self.runtime = resolve_runtime(cfg.runtime, self.device, cfg.precision)
+                self.runtimes.runtime = resolve_runtime(cfg.runtime, self.device, cfg.precision)
                 self.torch_threads = serving_threads(cfg.torch_threads, self.device)
+                self.runtimes.threads = self.torch_threads
                 torch.set_num_threads(self.torch_threads)  # an OpenMP per-thread setting: this serving thread
                 try:
                     sam, info = build_base_model(cfg)
@@ -166,18 +136,13 @@ class ServedModel:
 
     @staticmethod
     def _warm_up(sam: Any) -> bool:
-        """One encode + decode on a test canvas (a ramp): one-time allocations happen now, not at the
-        first click. Returns whether every output was finite (an adapter that overflows is refused)."""
-        ramp = torch.arange(256, dtype=torch.uint8)
-        canvas = (
-            (ramp[:, None] // 2 + ramp[None, :] // 2)[None, :, :, None].expand(1, 256, 256, 3).contiguous()
-        )
-        with torch.inference_mode():
-            emb = sam_forward.encode(sam, sam_forward.canvas_to_input(sam, canvas))
-            low, iou = sam_forward.decode_many(
-                sam, emb, points=torch.tensor([[[128.0, 128.0]]]), point_labels=torch.tensor([[1]])
-            )
-        return bool(torch.isfinite(emb).all() and torch.isfinite(low).all() and torch.isfinite(iou).all())
+        """One encode + decode on a test canvas: one-time allocations happen now, not at the first click.
+        Returns whether every output was finite (an adapter that overflows is refused)."""
+        try:
+            warm_up(TorchEngine(sam), sam)
+        except ExportError:
+            return False
+        return True
 
     def _base_predictor(self) -> VolumePredictor:
         return self._make_predictor(self._base, BASE_VERSION)
@@ -194,80 +159,24 @@ class ServedModel:
             version,
             self.cache,
             window=self.config.window,
-            multimask="auto" if self.config.multimask == "auto" else False,
+            multimask=check_multimask(self.config.multimask, "--conf multimask"),
             engine=TorchEngine(sam, precision=self.config.precision),
         )
-        status: dict[str, Any] = {"runtime": self.runtime, "serving": "torch", "state": "ready"}
-        if self.runtime in ("onnx", "openvino"):
-            status["state"] = "exporting"
-            self._runtime_done[version] = self._exporter.submit(
-                lambda: self._attach_export(pred, adapter, status)
-            )
-        self._runtime_status[version] = status
+        self.runtimes.attach(pred, self.base_info or {}, adapter)
         return pred
 
-    def _attach_export(
-        self, pred: VolumePredictor, adapter: dict[str, Any] | None, status: dict[str, Any]
-    ) -> None:
-        """Background: the predictor's export from the cache, or exported + verified now; swapped in."""
-        from sam_medical.inference.onnx_runtime import export_key, load_or_export
-
-        torch.set_num_threads(1)  # this worker thread's own setting: the clicks keep the other cores
-        runtime = str(self.runtime)
-        if pred.closed:  # swapped out before its turn came: nothing to serve
-            status.update(state="dropped")
-            return
-        try:
-            digest, _ = export_key(self.base_info or {}, adapter, runtime)
-            engine = self._engines.get(digest)
-            if engine is None:
-                engine = load_or_export(
-                    pred.sam,
-                    self.config.exports_dir,
-                    self.base_info or {},
-                    adapter,
-                    backend=runtime,
-                    threads=self.torch_threads or 1,
-                )
-            self._engines[digest] = engine
-            self._engines.move_to_end(digest)
-            while len(self._engines) > KEPT_ENGINES:
-                self._engines.popitem(last=False)
-        except Exception as exc:  # noqa: BLE001 - any failure: the version stays on PyTorch
-            status.update(
-                state="failed", error=f"{type(exc).__name__}: {library_detail(exc)}; serving with torch"
-            )
-            logger.error(
-                f"sam_medical: runtime {runtime} for version {pred.model_version} failed: {status['error']}"
-            )
-            return
-        pred.set_engine(engine)
-        manifest = engine.manifest
-        status.update(
-            state="ready",
-            serving=engine.name,
-            export_digest=digest,
-            source=manifest.get("source"),
-            seconds=manifest.get("load_s"),
-            timings=manifest.get("timings"),
-            verification=manifest.get("verification"),
-            error=None,
-        )
-        logger.info(
-            f"sam_medical: version {pred.model_version} now runs on {engine.name} "
-            f"(export {digest[:12]}, {manifest.get('source')}, {manifest.get('load_s')} s)"
-        )
+    @property
+    def runtime(self) -> str | None:
+        """The resolved runtime (``torch``, ``onnx`` or ``openvino``; None before :meth:`load`)."""
+        return self.runtimes.runtime
 
     def wait_runtime(self, version: str | None = None, timeout: float | None = None) -> bool:
         """Wait until ``version`` (default: the current one) runs on its runtime, or failed to; True when done."""
-        version = version or self.current_version
-        done = self._runtime_done.get(version) if version else None
-        return True if done is None else done.wait(timeout)
+        return self.runtimes.wait(version or self.current_version, timeout)
 
     def runtime_status(self, version: str | None = None) -> dict[str, Any]:
         """``{"requested", "runtime", "serving", "state", "export_digest", ...}`` of ``version`` (default current)."""
-        version = version or self.current_version
-        return {"requested": self.config.runtime, **self._runtime_status.get(version or "", {})}
+        return self.runtimes.status(version or self.current_version)
 
     def _load_version(self, version: str) -> VolumePredictor:
         """A new model object: the base copied, adapter ``version`` loaded (checked) and merged.
@@ -279,8 +188,8 @@ class ServedModel:
         path = self.store.path_of(version)
         sam = copy.deepcopy(self._base)
         try:
-            meta = lora.load_adapter(sam, path, base_info=self.base_info)
-            lora.merge_lora(sam)
+            meta = load_adapter(sam, path, base_info=self.base_info)
+            merge_lora(sam)
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # UserInputError is a ValueError
             if isinstance(exc, UserInputError):
                 raise
@@ -291,11 +200,7 @@ class ServedModel:
         logger.info(
             f"sam_medical: adapter {version} loaded (rank {meta['rank']}, val_dice {meta.get('val_dice')})"
         )
-        adapter = None
-        if self.runtime in ("onnx", "openvino"):
-            from sam_medical.inference.onnx_runtime import adapter_identity
-
-            adapter = adapter_identity(path, version)
+        adapter = adapter_identity(path, version) if self.runtimes.exported else None
         return self._make_predictor(sam, version, adapter)
 
     def _follow_current(self) -> None:
