@@ -371,7 +371,7 @@ def cache_load_seconds(model: str, work: Path, runtime: str) -> float | None:
     """Seconds to load the export the server made from its cache (what a restart costs), in process."""
     if runtime not in ("onnx", "openvino"):
         return None
-    from sam_medical.inference.onnx_runtime import load_or_export
+    from sam_medical.inference.export_cache import load_or_export
     from sam_medical.model.build import build_sam
 
     sam, info = build_sam(model, image_size=256, random_weights=model != "medsam_lite")

@@ -101,8 +101,7 @@ def main() -> None:
     threads = [int(t) for t in args.threads.split(",")]
     runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
 
-    from sam_medical.inference.engines import TorchEngine
-    from sam_medical.inference.onnx_runtime import load_or_export
+    from sam_medical.inference.runtime import build_engine
     from sam_medical.model.build import build_sam
 
     sam, info = build_sam("medsam_lite")
@@ -112,11 +111,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cache:
         for rt in runtimes:
             for t in threads:
-                engines[(rt, t)] = (
-                    TorchEngine(sam)
-                    if rt == "torch"
-                    else load_or_export(sam, cache, info, backend=rt, threads=t)
-                )
+                engines[(rt, t)] = build_engine(sam, rt, base_info=info, export_dir=cache, threads=t)
     times: dict[str, dict[int, list[float]]] = {}
 
     def timed(name: str, t: int, fn, *a) -> object:

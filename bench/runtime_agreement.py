@@ -81,7 +81,7 @@ def make_engine(name: str, sam, info: dict, work: Path, threads: int):
     import copy
 
     from sam_medical.inference.engines import TorchEngine
-    from sam_medical.inference.onnx_runtime import load_or_export
+    from sam_medical.inference.export_cache import load_or_export
 
     name = name.strip()
     if name.startswith("torch:"):
@@ -91,11 +91,12 @@ def make_engine(name: str, sam, info: dict, work: Path, threads: int):
 
 
 def decode_mask(engine, emb: torch.Tensor, kwargs: dict, multimask: bool) -> np.ndarray:
+    from sam_medical.inference.decoding import choose_mask
     from sam_medical.model.forward import logits_to_canvas
 
     low, iou = engine.decode(emb, **kwargs, multimask_output=multimask)
-    best = int(torch.argmax(iou[0])) if multimask else 0
-    return (logits_to_canvas(low[:, best : best + 1].float())[0, 0] > 0).cpu().numpy()
+    low, _ = choose_mask(low.float(), iou)  # the best of three by predicted IoU, as served
+    return (logits_to_canvas(low)[0, 0] > 0).cpu().numpy()
 
 
 def agreement(files: list[Path], sam, engines: dict, stride: int) -> dict[str, dict[str, list]]:
