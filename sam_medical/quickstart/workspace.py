@@ -29,7 +29,7 @@ from sam_medical.volume.label_names import LABELS_FILE
 
 #: Folders of the app that the server writes, or Python caches: never copied, never removed.
 APP_RUNTIME_DIRS = frozenset({"model", "logs", "bin", "__pycache__"})
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # sam_medical/quickstart/workspace.py -> the repository
 
 
 def default_root() -> Path:
