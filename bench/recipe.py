@@ -35,14 +35,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from sam_medical.adapters.lora import load_adapter, merge_lora
+from sam_medical.adapters.inject import merge_lora
+from sam_medical.adapters.save_and_load import load_adapter
 from sam_medical.metrics import dice
 from sam_medical.model import forward as sf
 from sam_medical.model.build import build_sam
 from sam_medical.prompts import corrective_click, interior_point, tight_box
+from sam_medical.training.config import TrainConfig
 from sam_medical.training.dataset import case_name, file_uid, list_npz
 from sam_medical.training.feature_cache import FeatureCache
-from sam_medical.training.trainer import TrainConfig, train
+from sam_medical.training.trainer import train
 
 #: Named configurations: TrainConfig overrides on top of the shared settings below.
 CONFIGS: dict[str, dict[str, Any]] = {

@@ -8,7 +8,7 @@ Prints one JSON line per configuration::
             lora+decoder    LoRA plus the mask decoder
             full_encoder    the whole image encoder trainable (no LoRA), decoder frozen
 
-One step = the training engine's own forward (:class:`sam_medical.training.trainer.PromptedSam`), MONAI
+One step = the training engine's own forward (:class:`sam_medical.training.prompted_sam.PromptedSam`), MONAI
 ``DiceCELoss`` on the low-res logits, backward and an AdamW step, on a synthetic batch of canvases
 (random texture with a bright disc, box prompts). ``seconds_per_step`` is the median over ``--steps``
 steps after ``--warmup`` warm-up steps.
@@ -51,9 +51,12 @@ def run_one(
     import torch
     from monai.losses import DiceCELoss
 
-    from sam_medical.adapters import lora
+    from sam_medical.adapters.inject import inject_lora, set_trainable
     from sam_medical.model.build import build_sam, count_parameters
-    from sam_medical.training.trainer import LAMBDA_CE, LAMBDA_DICE, PromptedSam, amp_dtype_for, area_target
+    from sam_medical.training.config import LAMBDA_CE, LAMBDA_DICE
+    from sam_medical.training.optim import amp_dtype_for
+    from sam_medical.training.prompted_sam import PromptedSam
+    from sam_medical.training.step import area_target
 
     device = torch.device(device_name)
     sam, _ = build_sam(model, image_size=image_size, random_weights=True, seed=0)
@@ -63,8 +66,8 @@ def run_one(
         for p in sam.image_encoder.parameters():
             p.requires_grad_(True)
     else:
-        lora.inject_lora(sam, rank=4, seed=0)
-        lora.set_trainable(sam, train_decoder=mode == "lora+decoder")
+        inject_lora(sam, rank=4, seed=0)
+        set_trainable(sam, train_decoder=mode == "lora+decoder")
     sam.to(device).train()
     module = PromptedSam(sam)
     params = [p for p in sam.parameters() if p.requires_grad]

@@ -9,8 +9,10 @@ Start it (binds only where ``--host`` says)::
 this app and of the sample volumes outside the repository).
 
 Tasks: ``sam_2d`` (deepgrow, 2D: a click -> that slice), ``sam_3d`` (deepgrow, 3D: a prompt -> the
-object through the volume), ``sam_lora`` (train: LoRA on the final labels, hot-swapped when published).
-Settings: ``--conf KEY VALUE`` (see ``lib/configs/sam.py``).
+object through the volume), ``sam_lora`` (train on the final labels: fine-tunes the mask decoder and, with
+``lora_rank`` > 0, LoRA adapters on the encoder's q and v; hot-swapped when published).
+Settings: ``--conf KEY VALUE`` (see ``lib/settings.py``; the training options come from
+``sam_medical.training.config``).
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from lib.configs.sam import SamAppConfig
 from lib.datastore import GuardedDatastore, refuse
 from lib.infers.base import check_infer_request
 from lib.infers.sam_2d import Sam2D
 from lib.infers.sam_3d import Sam3D
 from lib.served_model import ServedModel
+from lib.settings import SamAppConfig
 from lib.trainers.sam_lora import SamLoraTrain
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
@@ -47,7 +49,7 @@ class MyApp(MONAILabelApp):
             studies=studies,
             conf=conf,
             name="sam_medical",
-            description="Segment Anything for medical volumes (LoRA fine-tuning in the loop)",
+            description="Segment Anything for medical volumes (fine-tuning in the loop)",
             version="0.1.0",
         )
 
@@ -72,7 +74,9 @@ class MyApp(MONAILabelApp):
         # only the server calls this (not the training subprocess): build the model now, so that a
         # missing checkpoint or an offline download is reported at start, not at the first click
         self.served.load()
-        from lib import http_guard  # the server's FastAPI routes (not needed in the training subprocess)
+        # imported here: the server's FastAPI routes; MONAI Label's training subprocess builds this app too
+        # and never serves, so it does not load them
+        from lib import http_guard
 
         http_guard.install()  # checked routes and 4xx answers in front of MONAI Label's endpoints
         super().on_init_complete()

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from sam_medical.cli.main import main
-from sam_medical.training.trainer import TrainConfig, Trainer
+from sam_medical.training.config import TrainConfig
+from sam_medical.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "sample_volumes"

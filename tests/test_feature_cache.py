@@ -10,14 +10,14 @@ import numpy as np
 import torch
 from test_training import write_case
 
-from sam_medical.adapters import lora
+from sam_medical.adapters.inject import inject_lora, lora_parameters, set_trainable
 from sam_medical.model import forward as sf
 from sam_medical.model.build import build_sam
 from sam_medical.training.feature_cache import MODE_EMBEDDING, MODE_NONE, MODE_STEM, FeatureCache
 
 
 def test_embedding_mode_caches_in_memory_and_on_disk(tiny_sam, canvases, tmp_path):
-    lora.set_trainable(tiny_sam, train_decoder=True)  # decoder only: the encoder is frozen whole
+    set_trainable(tiny_sam, train_decoder=True)  # decoder only: the encoder is frozen whole
     cache = FeatureCache(tiny_sam, 64 << 20, tmp_path / "features", identity="tiny|seed0")
     assert cache.mode == MODE_EMBEDDING
     keys = [("case_a", 3), ("case_a", 4)]
@@ -41,7 +41,7 @@ def test_embedding_mode_caches_in_memory_and_on_disk(tiny_sam, canvases, tmp_pat
 
 
 def test_no_split_for_vit_with_lora_and_no_cache_without_keys(tiny_sam, canvases):
-    lora.inject_lora(tiny_sam, rank=2, seed=0)
+    inject_lora(tiny_sam, rank=2, seed=0)
     cache = FeatureCache(tiny_sam, 64 << 20)
     assert cache.mode == MODE_NONE
     out = cache.embed(tiny_sam, canvases, [("a", 1), ("a", 2)])
@@ -50,9 +50,9 @@ def test_no_split_for_vit_with_lora_and_no_cache_without_keys(tiny_sam, canvases
 
 def test_tinyvit_stem_is_cached_and_gradients_reach_the_adapters(canvases):
     sam, _ = build_sam("medsam_lite", random_weights=True)
-    lora.inject_lora(sam, rank=2, seed=0)
+    inject_lora(sam, rank=2, seed=0)
     with torch.no_grad():
-        for p in lora.lora_parameters(sam):
+        for p in lora_parameters(sam):
             p.add_(0.01)
     cache = FeatureCache(sam, 256 << 20)
     assert cache.mode == MODE_STEM
@@ -61,13 +61,14 @@ def test_tinyvit_stem_is_cached_and_gradients_reach_the_adapters(canvases):
     want = sf.encode(sam, sf.canvas_to_input(sam, canvases))
     assert torch.allclose(got, want, atol=1e-5)
     got.sum().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.lora_parameters(sam))
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_parameters(sam))
     cache.embed(sam, canvases, keys)
     assert cache.stats()["hits"] == 2 and cache.stats()["entries"] == 2
 
 
 def test_training_with_the_cache_equals_training_without(tmp_path):
-    from sam_medical.training.trainer import TrainConfig, train
+    from sam_medical.training.config import TrainConfig
+    from sam_medical.training.trainer import train
 
     data = tmp_path / "npz"
     for i in range(3):

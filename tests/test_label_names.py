@@ -34,7 +34,7 @@ SAMPLE_NAMES = {"liver": 1, "spleen": 2, "kidney": 3}
 def app_lib():
     sys.path.insert(0, str(APP))
     try:
-        configs = importlib.import_module("lib.configs.sam")
+        configs = importlib.import_module("lib.settings")
         datastore = importlib.import_module("lib.datastore")
         options = importlib.import_module("lib.trainers.options")
     finally:

@@ -269,7 +269,7 @@ def test_describe_cli_reports_lora_counts(capsys):
 
     with torch.device("meta"):
         decoder_params = count_parameters(sam_model_registry["vit_b"]().mask_decoder)
-    assert main(["describe", "--model", "vit_b", "--lora-rank", "4"]) == 0
+    assert main(["describe", "--model", "vit_b", "--lora-rank", "4", "--no-train-decoder"]) == 0
     out, err = capsys.readouterr()
     row = json.loads(out)
     assert out.count("\n") == 1 and "random" in err
@@ -284,7 +284,10 @@ def test_describe_cli_reports_lora_counts(capsys):
 
 
 def test_describe_cli_tiny_and_errors(capsys, tmp_path):
-    assert main(["describe", "--model", "tiny", "--lora-rank", "2", "--lora-alpha", "4"]) == 0
+    assert (
+        main(["describe", "--model", "tiny", "--lora-rank", "2", "--lora-alpha", "4", "--no-train-decoder"])
+        == 0
+    )
     row = json.loads(capsys.readouterr().out)
     assert row["lora_params"] == 4 * 2 * (2 * 192 + 192 * 2) == row["trainable_params"]
     assert main(["describe", "--model", "tiny", "--image-size", "100"]) == 2

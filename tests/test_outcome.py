@@ -16,14 +16,17 @@ import pytest
 import torch
 from test_training import LORA_ARGS, _cfg, write_case
 
-from sam_medical.adapters import lora
+from sam_medical.adapters.files import ADAPTER_FORMAT, CONVERTED_FROM_STATE, read_adapter_meta
+from sam_medical.adapters.inject import is_lora_injected
+from sam_medical.adapters.save_and_load import load_adapter
 from sam_medical.adapters.store import ModelStore
 from sam_medical.canvas.slice_file import load_npz, save_npz
 from sam_medical.cli.main import main as cli_main
 from sam_medical.errors import UserInputError
 from sam_medical.model.build import build_sam
+from sam_medical.training.config import TrainConfig
 from sam_medical.training.outcome import NOISE_MARGIN, PublishRule, publish_decision, verdict
-from sam_medical.training.trainer import TrainConfig, Trainer, train
+from sam_medical.training.trainer import Trainer, train
 
 NAMES = {1: "disc", 2: "square"}
 
@@ -151,7 +154,7 @@ def test_a_run_that_learns_reports_the_paired_gain_and_dice_per_label(named_dir:
 
 
 def _summary(initial: float, best: float, diffs: list[float] | None, best_epoch: int = 3) -> dict:
-    from sam_medical.evaluation.run import paired_comparison
+    from sam_medical.metrics import paired_comparison
 
     out = {"initial_val_dice": initial, "best_val_dice": best, "best_epoch": best_epoch, "val_items": 40}
     out["learned"] = best_epoch > 0 and best > initial
@@ -204,18 +207,18 @@ def trained(named_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_last_pt_loads_as_the_adapter_of_the_last_step(trained: Path) -> None:
     state = torch.load(trained / "last.pt", weights_only=True)
-    meta = lora.read_adapter_meta(trained / "last.pt")
+    meta = read_adapter_meta(trained / "last.pt")
     assert meta["rank"] == 4 and meta["train_decoder"] is True and meta["epoch"] == state["epoch"]
-    assert meta["converted_from"] == lora.CONVERTED_FROM_STATE
-    assert lora.read_adapter_meta(trained / "last.pt")["version"] == meta["version"]  # stable id
+    assert meta["converted_from"] == CONVERTED_FROM_STATE
+    assert read_adapter_meta(trained / "last.pt")["version"] == meta["version"]  # stable id
     sam, info = build_sam("tiny", random_weights=True, seed=0)
-    lora.load_adapter(sam, trained / "last.pt", base_info=info)
+    load_adapter(sam, trained / "last.pt", base_info=info)
     params = dict(sam.named_parameters())
     assert all(torch.equal(params[k], v) for k, v in state["trainable"].items())
     # made for another base model: refused like any adapter
     other, other_info = build_sam("tiny", random_weights=True, seed=3)
     with pytest.raises(UserInputError, match="seed"):
-        lora.load_adapter(other, trained / "last.pt", base_info=other_info)
+        load_adapter(other, trained / "last.pt", base_info=other_info)
 
 
 def test_last_pt_works_for_evaluate_train_init_and_publish(
@@ -233,7 +236,7 @@ def test_last_pt_works_for_evaluate_train_init_and_publish(
     ]
     assert cli_main(argv + ["--no-report"]) == 0
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
-    assert summary["model"]["adapter"]["converted_from"] == lora.CONVERTED_FROM_STATE
+    assert summary["model"]["adapter"]["converted_from"] == CONVERTED_FROM_STATE
 
     run = train(
         cfg(
@@ -245,13 +248,13 @@ def test_last_pt_works_for_evaluate_train_init_and_publish(
         ),
         progress=False,
     )
-    assert run["steps"] == 1 and lora.read_adapter_meta(tmp_path / "again" / "adapter.pt")["train_decoder"]
+    assert run["steps"] == 1 and read_adapter_meta(tmp_path / "again" / "adapter.pt")["train_decoder"]
 
     store = ModelStore(tmp_path / "store")
     version = store.publish(trained / "last.pt", {"note": "from last.pt"})
     stored = torch.load(store.path_of(version), weights_only=True)
-    assert stored["format"] == lora.ADAPTER_FORMAT and "optimizer" not in stored  # a plain adapter file
-    assert lora.read_adapter_meta(store.path_of(version))["version"] == version
+    assert stored["format"] == ADAPTER_FORMAT and "optimizer" not in stored  # a plain adapter file
+    assert read_adapter_meta(store.path_of(version))["version"] == version
 
 
 def test_damaged_last_pt_is_refused_in_one_line(
@@ -261,13 +264,13 @@ def test_damaged_last_pt_is_refused_in_one_line(
     nan = {**state, "trainable": {k: torch.full_like(v, float("nan")) for k, v in state["trainable"].items()}}
     torch.save(nan, tmp_path / "nan.pt")
     with pytest.raises(UserInputError, match="NaN or infinite"):
-        lora.read_adapter_meta(tmp_path / "nan.pt")
+        read_adapter_meta(tmp_path / "nan.pt")
     torch.save({**state, "identity": {**state["identity"], "rank": "four"}}, tmp_path / "meta.pt")
     with pytest.raises(UserInputError, match="damaged metadata: rank 'four'"):
-        lora.read_adapter_meta(tmp_path / "meta.pt")
+        read_adapter_meta(tmp_path / "meta.pt")
     torch.save({k: v for k, v in state.items() if k != "identity"}, tmp_path / "noid.pt")
     with pytest.raises(UserInputError, match="no model identity"):
-        lora.read_adapter_meta(tmp_path / "noid.pt")
+        read_adapter_meta(tmp_path / "noid.pt")
     argv = ["evaluate", "--data", str(named_dir), "--model", "tiny", "--random-weights", "--prompt", "box"]
     assert cli_main(argv + ["--adapter", str(tmp_path / "nan.pt"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -276,8 +279,8 @@ def test_damaged_last_pt_is_refused_in_one_line(
 
 def test_decoder_only_last_pt_is_a_rank_0_adapter(named_dir: Path, tmp_path: Path) -> None:
     train(cfg(named_dir, tmp_path / "dec", max_steps=1, lora_rank=0, train_decoder=True), progress=False)
-    meta = lora.read_adapter_meta(tmp_path / "dec" / "last.pt")
+    meta = read_adapter_meta(tmp_path / "dec" / "last.pt")
     assert meta["rank"] == 0 and meta["blocks"] == [] and meta["train_decoder"] is True
     sam, info = build_sam("tiny", random_weights=True, seed=0)
-    lora.load_adapter(sam, tmp_path / "dec" / "last.pt", base_info=info)
-    assert not lora.is_lora_injected(sam)
+    load_adapter(sam, tmp_path / "dec" / "last.pt", base_info=info)
+    assert not is_lora_injected(sam)

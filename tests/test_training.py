@@ -18,18 +18,15 @@ import torch
 from adapters import save_tiny_adapter
 from slicer_harness import free_port
 
-from sam_medical.adapters import lora
+from sam_medical.adapters.files import ADAPTER_FORMAT, read_adapter_meta
+from sam_medical.adapters.inject import lora_state_dict
 from sam_medical.canvas.slice_file import save_npz
 from sam_medical.cli.main import main as cli_main
 from sam_medical.model.build import build_sam
-from sam_medical.training.trainer import (
-    DEBUG_HASH_ENV,
-    TrainConfig,
-    Trainer,
-    area_target,
-    tensors_sha256,
-    train,
-)
+from sam_medical.training.config import TrainConfig
+from sam_medical.training.state import DEBUG_HASH_ENV, tensors_sha256
+from sam_medical.training.step import area_target
+from sam_medical.training.trainer import Trainer, train
 
 REQUIRED_SUMMARY = {
     "initial_val_dice", "best_val_dice", "best_epoch", "epochs", "steps", "trainable_params", "seconds",
@@ -120,7 +117,7 @@ def test_training_learns_keeps_base_and_writes_files(data_dir: Path, tmp_path: P
     assert [r["step"] for r in lines if r["event"] == "step"] == [3, 6, 9, 12, 15]
 
     # the adapter file is the best epoch's, and reproduces its validation Dice when loaded
-    meta = lora.read_adapter_meta(out / "adapter.pt")
+    meta = read_adapter_meta(out / "adapter.pt")
     assert meta["epoch"] == summary["best_epoch"] and meta["val_dice"] == summary["best_val_dice"]
     assert meta["train_decoder"] is True and meta["rank"] == 4
     assert not list(out.glob(".*.part*"))
@@ -167,7 +164,7 @@ def test_stop_file_then_resume_matches_uninterrupted_run(small_dir: Path, tmp_pa
     trainer = Trainer(_cfg(data_dir, run, **kw), progress=False, on_step=stop_at_4)
     stopped = trainer.run()
     assert stopped["stopped_early"] is True and stopped["steps"] == 4 and stopped["epochs"] == 2
-    assert (run / "adapter.pt").is_file() and lora.read_adapter_meta(run / "adapter.pt")["epoch"] in (0, 1)
+    assert (run / "adapter.pt").is_file() and read_adapter_meta(run / "adapter.pt")["epoch"] in (0, 1)
     assert json.loads((run / "log.jsonl").read_text().splitlines()[-1])["event"] == "stop"
     # LoRA-only: every base weight, decoder included, is bit-identical to the fresh model
     fresh, _ = build_sam("tiny", random_weights=True, seed=0)
@@ -181,7 +178,7 @@ def test_stop_file_then_resume_matches_uninterrupted_run(small_dir: Path, tmp_pa
     state_ref = torch.load(ref / "last.pt", weights_only=True)
     state_run = torch.load(run / "last.pt", weights_only=True)
     assert tensors_sha256(state_run["trainable"]) == tensors_sha256(state_ref["trainable"])
-    assert tensors_sha256(state_ref["trainable"]) != tensors_sha256(lora.lora_state_dict(trainer.sam.cpu()))
+    assert tensors_sha256(state_ref["trainable"]) != tensors_sha256(lora_state_dict(trainer.sam.cpu()))
     assert resumed["best_val_dice"] == summary_ref["best_val_dice"]
     epochs = [json.loads(x)["epoch"] for x in (run / "log.jsonl").read_text().splitlines() if '"epoch"' in x]
     assert epochs[:2] == [0, 1] and epochs[-1] == 2
@@ -204,7 +201,7 @@ def test_stop_event_and_failed_save_leave_no_partial_adapter(small_dir: Path, tm
     real_save = torch.save
 
     def broken_save(obj, f, *a, **k):
-        if isinstance(obj, dict) and obj.get("format") == lora.ADAPTER_FORMAT:
+        if isinstance(obj, dict) and obj.get("format") == ADAPTER_FORMAT:
             Path(f).write_bytes(b"partial")
             raise OSError("disk full")
         return real_save(obj, f, *a, **k)
@@ -338,7 +335,7 @@ def test_cli_runs_one_case_without_validation_split(tmp_path: Path, capsys):
 
 def test_decode_grouped_matches_item_by_item_decoding():
     from sam_medical.model.forward import canvas_to_input, decode, encode
-    from sam_medical.training.trainer import decode_grouped
+    from sam_medical.training.prompted_sam import decode_grouped
 
     sam, _ = build_sam("tiny", random_weights=True, seed=0)
     g = torch.Generator().manual_seed(0)

@@ -1,1 +1,1 @@
-"""The MONAI Label adapter of sam_medical: configs, infer tasks, train task, the shared served model."""
+"""The MONAI Label adapter of sam_medical: settings, infer tasks, train task, the shared served model."""

@@ -1,4 +1,6 @@
-"""``sam-medical train``: LoRA fine-tuning on ``.npz`` slice files (see :mod:`sam_medical.training.trainer`).
+"""``sam-medical train``: fine-tunes SAM's mask decoder and, with ``--lora-rank`` > 0, LoRA adapters on q and v
+of the image encoder's attention, on ``.npz`` slice files (see :mod:`sam_medical.training.trainer`). The
+options are generated from :class:`sam_medical.training.config.TrainConfig`.
 
 Single process::
 
@@ -19,18 +21,25 @@ verdict: ``learned: best epoch 3, validation Dice 0.712 -> 0.805 (...)`` or ``no
 from __future__ import annotations
 
 import argparse
+import json
+import signal
+import sys
+import threading
 from typing import Any
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
+    # imported here: TrainConfig (and the model registry) would load at every `sam-medical --help` otherwise
     from sam_medical.training.config import add_arguments
 
     p = subparsers.add_parser(
         "train",
-        help="fine-tune SAM (LoRA on the image encoder, and/or its mask decoder) on .npz slice files",
-        description="Fine-tune SAM on .npz slice files: LoRA on q and v of the image encoder's attention "
-        "and/or the mask decoder, with a Dice + cross-entropy loss; writes adapter.pt (best validation Dice), "
-        "last.pt, log.jsonl and summary.json into --out. Works under torchrun for several GPUs.",
+        help="fine-tune SAM (its mask decoder; with --lora-rank > 0 also LoRA on the image encoder) on .npz "
+        "slice files",
+        description="Fine-tune SAM on .npz slice files: the mask decoder and, with --lora-rank > 0, LoRA on q "
+        "and v of the image encoder's attention (--no-train-decoder: LoRA alone), with a Dice + cross-entropy "
+        "loss; writes adapter.pt (best validation Dice), last.pt, log.jsonl and summary.json into --out. "
+        "Works under torchrun for several GPUs.",
     )
     add_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
@@ -38,18 +47,16 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
+    # imported here: see register
     from sam_medical.training.config import from_args
 
     return from_args(args)
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-    import signal
-    import sys
-    import threading
-
-    from sam_medical.training.trainer import DistInfo, train
+    # imported here: torch, MONAI and the model code load only when a run starts, not at `--help`
+    from sam_medical.training.distributed import DistInfo
+    from sam_medical.training.trainer import train
 
     config = config_from_args(args)
     config.check()

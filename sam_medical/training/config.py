@@ -1,9 +1,16 @@
 """The settings of a training run, declared once: :class:`TrainConfig`.
 
-Each field carries its help text, its group and its command-line flag in its metadata, so that
-``sam-medical train``'s options (:func:`add_arguments`, :func:`from_args`) and the MONAI Label app's train
-options are generated from here instead of being written again. The defaults are the recipe measured on
-real CT (README, "Fine-tuning recipe"), not guesses.
+A run fine-tunes SAM's mask decoder and, with ``lora_rank`` > 0, LoRA adapters on q and v of the image
+encoder's attention. Each field carries its help text, its group, its command-line flag and its place in
+the MONAI Label app in its metadata, so that everything else is generated from here:
+
+* ``sam-medical train``'s options (:func:`add_arguments`, :func:`from_args`);
+* what ``sam-medical describe`` reports as what will be trained (:func:`add_arguments` with ``only``);
+* the app's ``sam_lora`` option table, with bounds (:func:`app_options`), and the ``TrainConfig`` it
+  builds from a request (the offered options plus the fields the app sets itself, :data:`APP_SETS`).
+
+Adding an option is adding a field here. The defaults are the recipe measured on real CT (README,
+"Fine-tuning recipe"), not guesses.
 """
 
 from __future__ import annotations
@@ -24,10 +31,37 @@ LAMBDA_CE = 0.2
 DEVICE_HELP = "auto | cpu | cuda | cuda:N"
 
 
-def _opt(default: Any, help: str, group: str, *, flag: str | None = None, **kw: Any) -> Any:
-    """A dataclass field with CLI metadata: ``help``, ``group``, ``flag`` (None: from the name; "": none),
-    and argparse extras (``choices``, ``metavar``, ``list_of_int``, ``negate``)."""
-    meta = {"help": help, "group": group, "flag": flag, **kw}
+@dataclass(frozen=True)
+class App:
+    """How the MONAI Label app's ``sam_lora`` offers a field in its option table (Slicer's, or the JSON
+    body of ``POST /train/sam_lora``), and ``--conf`` sets its default.
+
+    ``low``/``high``: the bounds (inclusive unless ``low_open``/``high_open``); they keep one request from
+    taking the machine (``lora_rank=1000000`` once grew the training process to 20.6 GB).
+    """
+
+    key: str | None = None  #: the request and ``--conf`` key (default: the field name)
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    default: Any = None  #: the app's default when it differs from the CLI's (None: the same)
+    zero_is_none: bool = False  #: 0 in a request means None (no cap, all items)
+
+
+#: The fields the app sets itself, not offered in its option table: from its ``--conf`` settings (model,
+#: weights, device, seed), its own folders (data, run folder, weights cache), the served adapter
+#: (``adapter_init``), or left at the CLI's default because a Slicer user has no use for them.
+APP_SETS = "set by the app"
+
+
+def _opt(
+    default: Any, help: str, group: str, *, flag: str | None = None, app: App | str = APP_SETS, **kw: Any
+) -> Any:
+    """A dataclass field with its metadata: ``help``, ``group``, ``flag`` (None: from the name; "": none),
+    ``app`` (an :class:`App`: offered in the app's table; else :data:`APP_SETS`) and argparse extras
+    (``choices``, ``metavar``, ``list_of_int``, ``negate``)."""
+    meta = {"help": help, "group": group, "flag": flag, "app": app, **kw}
     if isinstance(default, dict | list):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -53,9 +87,17 @@ class TrainConfig:
         None, "label values to train on (default: every label)", DATA, flag="--labels", list_of_int=True
     )
     val_fraction: float = _opt(
-        0.2, "fraction of volumes held out for validation (0: validate on training)", DATA
+        0.2,
+        "fraction of volumes held out for validation (0: validate on training)",
+        DATA,
+        app=App(low=0.0, high=1.0, high_open=True),
     )
-    val_max_items: int | None = _opt(None, "validate on at most this many items, evenly spaced", DATA)
+    val_max_items: int | None = _opt(
+        None,
+        "validate on at most this many items, evenly spaced",
+        DATA,
+        app=App(low=0, high=100_000, default=200, zero_is_none=True),
+    )
     model: str = _opt(
         DEFAULT_MODEL,
         f"model family ({DEFAULT_MODEL}: LiteMedSAM, packaged and SHA-256-checked; tiny: random weights, tests)",
@@ -74,32 +116,42 @@ class TrainConfig:
         "LoRA rank on q and v of the encoder's attention (0: no LoRA; the default recipe trains the mask "
         "decoder on cached embeddings, which measured better per CPU minute: README, 'Fine-tuning recipe')",
         MODEL,
+        app=App(low=0, high=64),
     )
     lora_alpha: float | None = _opt(None, "LoRA alpha (default: the rank, i.e. scale 1)", MODEL)
     lora_blocks: list[int] | None = _opt(
         None, "attention blocks to adapt, e.g. 0,1,2 (default: all)", MODEL, list_of_int=True
     )
-    train_decoder: bool = _opt(True, "train the mask decoder (--no-train-decoder: LoRA alone)", MODEL)
+    train_decoder: bool = _opt(
+        True, "train the mask decoder (--no-train-decoder: LoRA alone)", MODEL, app=App()
+    )
     adapter_init: str | None = _opt(None, "start from this adapter (same base model and rank)", MODEL)
     prompt: str = _opt(
         "mixed",
         "training prompts: one kind, or mixed (box and clicks, one dropped at random)",
         PROMPTS,
         choices=PROMPT_MODES,
+        app=App(),
     )
     num_points: int = _opt(3, "up to this many foreground clicks per item", PROMPTS)
     num_bg_points: int = _opt(1, "up to this many background clicks per item", PROMPTS)
     box_jitter: int = _opt(5, "box sides move by 0..N canvas pixels (MedSAM: 5 at 256)", PROMPTS)
     drop_prob: float = _opt(0.5, "mixed prompts: probability of dropping the box or the clicks", PROMPTS)
-    epochs: int = _opt(10, "passes over the training items", OPTIM)
+    epochs: int = _opt(10, "passes over the training items", OPTIM, app=App(low=1, high=1000))
     max_steps: int | None = _opt(
         100,
         "stop after this many optimiser steps (0: no cap; the recipe's 100 overfit less than 200 on real CT)",
         OPTIM,
+        app=App(low=0, high=1_000_000, zero_is_none=True),
     )
-    batch_size: int = _opt(8, "items per micro-batch", OPTIM)
+    batch_size: int = _opt(8, "items per micro-batch", OPTIM, app=App(low=1, high=64))
     grad_accum: int = _opt(1, "micro-batches per optimiser step", OPTIM)
-    lr: float = _opt(1e-4, "peak learning rate (AdamW; warm-up then cosine decay)", OPTIM)
+    lr: float = _opt(
+        1e-4,
+        "peak learning rate (AdamW; warm-up then cosine decay)",
+        OPTIM,
+        app=App(key="learning_rate", low=0.0, low_open=True, high=1.0),
+    )
     weight_decay: float = _opt(0.01, "AdamW weight decay", OPTIM)
     warmup_steps: int | None = _opt(None, "linear warm-up steps (default: 5%% of the run)", OPTIM)
     dice_weight: float = _opt(LAMBDA_DICE, "weight of the Dice loss", OPTIM)
@@ -199,6 +251,61 @@ def default(name: str) -> Any:
     return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
 
 
+# --- the app's option table, generated ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AppOption:
+    """One option of the app's ``sam_lora`` table, generated from a :class:`TrainConfig` field's :class:`App`.
+
+    ``default`` is a ``TrainConfig`` value; :meth:`request_value` gives what the table shows and a request
+    sends (0 for None where ``zero_is_none``).
+    """
+
+    field: str
+    key: str
+    kind: type  #: bool, int, float or str
+    default: Any
+    low: float | None
+    high: float | None
+    low_open: bool
+    high_open: bool
+    choices: tuple[str, ...] | None
+    zero_is_none: bool
+
+    def request_value(self, value: Any) -> Any:
+        return 0 if value is None and self.zero_is_none else value
+
+
+def _kind(f: dataclasses.Field) -> type:
+    return bool if str(f.type).startswith("bool") else _value_type(f)
+
+
+def app_options() -> list[AppOption]:
+    """The options the app offers, in field order (each field whose ``app`` is an :class:`App`)."""
+    out = []
+    for f in dataclasses.fields(TrainConfig):
+        app = f.metadata["app"]
+        if not isinstance(app, App):
+            continue
+        choices = f.metadata.get("choices")
+        out.append(
+            AppOption(
+                field=f.name,
+                key=app.key or f.name,
+                kind=_kind(f),
+                default=default(f.name) if app.default is None else app.default,
+                low=app.low,
+                high=app.high,
+                low_open=app.low_open,
+                high_open=app.high_open,
+                choices=tuple(choices) if choices else None,
+                zero_is_none=app.zero_is_none,
+            )
+        )
+    return out
+
+
 # --- the command line, generated ---------------------------------------------------------------
 
 
@@ -219,12 +326,13 @@ def _value_type(f: dataclasses.Field) -> type:
     return int if text.startswith("int") else float if text.startswith("float") else str
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one option per :class:`TrainConfig` field, in groups, with its help and its default."""
+def add_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+    """Add one option per :class:`TrainConfig` field (``only``: these fields), in groups, with its help and
+    its default."""
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(TrainConfig):
         flag = _flag(f)
-        if not flag:
+        if not flag or (only is not None and f.name not in only):
             continue
         meta = f.metadata
         g = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))

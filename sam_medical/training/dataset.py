@@ -17,6 +17,7 @@ With ``DataLoader(num_workers=n)`` each worker holds its own cache: at most ``n 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import random
@@ -110,8 +111,6 @@ class _Case:
 def file_uid(path: Path) -> str:
     """A short id of a file's identity and version (real path, size, mtime): caches keyed by it miss when
     the file is replaced."""
-    import hashlib
-
     st = path.stat()
     return hashlib.sha1(f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
 

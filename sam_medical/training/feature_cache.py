@@ -33,6 +33,7 @@ import torch
 
 from sam_medical.atomic import atomic_path
 from sam_medical.model import forward as sf
+from sam_medical.model.registry import family_of, load_callable
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
@@ -52,8 +53,6 @@ def stem_split(
 ) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]] | None:
     """``(stem, trunk)`` with ``trunk(stem(x)) == sam.image_encoder(x)`` and a stem that holds no trainable
     parameter, or None when the family has no such split."""
-    from sam_medical.model.registry import family_of, load_callable
-
     spec = family_of(sam).encoder_split
     if spec is None:
         return None

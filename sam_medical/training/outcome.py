@@ -7,7 +7,7 @@
 * **Per label**: the best adapter's validation Dice of each label value, under its name
   (:mod:`sam_medical.volume.label_names`).
 * **Paired gain**: the starting model and the best adapter are scored item by item on the same
-  validation items and prompts (:func:`sam_medical.training.trainer.item_dices`; an item's Dice is the mean over
+  validation items and prompts (:func:`sam_medical.training.validation.item_dices`; an item's Dice is the mean over
   the prompt kinds validated), and the differences are tested with a one-sided Wilcoxon signed-rank
   test (best > start).
 * **Publishing** (:func:`publish_decision`): ``if_better`` publishes only a gain of at least a margin
@@ -20,16 +20,18 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
+
+from sam_medical.adapters.save_and_load import load_adapter
 from sam_medical.errors import UserInputError
-from sam_medical.volume.label_names import label_key
-
-if TYPE_CHECKING:
-    import torch
-
-    from sam_medical.training.config import TrainConfig
-    from sam_medical.training.trainer import DistInfo, ItemDice
+from sam_medical.metrics import paired_comparison
+from sam_medical.model.build import build_sam
+from sam_medical.training.config import TrainConfig
+from sam_medical.training.distributed import DistInfo, barrier, gather_lists
+from sam_medical.training.validation import ItemDice, item_dices
+from sam_medical.volume.label_names import files_label_names, label_key
 
 #: A validation gain below this (Dice) is within noise: the default publish margin, named in verdicts.
 NOISE_MARGIN = 0.005
@@ -61,8 +63,6 @@ def per_label(means: Mapping[ItemKey, float], by_value: Mapping[int, str]) -> di
 
 def paired_gain(start: Mapping[ItemKey, float], best: Mapping[ItemKey, float]) -> dict[str, Any]:
     """The paired comparison of the best adapter with the starting model over the items both scored."""
-    from sam_medical.evaluation.run import paired_comparison
-
     keys = sorted(set(start) & set(best))
     a, b = [best[k] for k in keys], [start[k] for k in keys]
     out = paired_comparison(a, b, alternative="greater")
@@ -136,38 +136,82 @@ def score_start_and_best(
     encoder computes (embedding mode only: a stem cache's trunk belongs to the trained model). Under DDP
     each rank scores its share and the items are gathered on every rank.
     """
-    import torch
-
-    from sam_medical.adapters import lora
-    from sam_medical.model.build import build_sam
-    from sam_medical.training.trainer import item_dices
-
-    if dist.distributed:  # rank 0 may still be writing the last best adapter
-        import torch.distributed as tdist
-
-        tdist.barrier()
+    barrier(dist)  # rank 0 may still be writing the last best adapter
     model, base_info = build_sam(config.model, **config.model_kwargs())
     if config.adapter_init:
-        lora.load_adapter(model, config.adapter_init, base_info=base_info)
+        load_adapter(model, config.adapter_init, base_info=base_info)
 
     def score() -> dict[ItemKey, float]:
         model.to(device).eval()
         for p in model.parameters():
             p.requires_grad_(False)
-        items = item_dices(model, loader, kinds, device, amp_dtype, features)
-        if dist.distributed:
-            import torch.distributed as tdist
-
-            gathered: list[Any] = [None] * dist.world_size
-            tdist.all_gather_object(gathered, items)
-            items = [it for part in gathered for it in part]
-        return item_means(items)
+        return item_means(gather_lists(item_dices(model, loader, kinds, device, amp_dtype, features), dist))
 
     with torch.no_grad():
         start_means = score() if score_start else None
-        lora.load_adapter(model, adapter, base_info=base_info)
+        load_adapter(model, adapter, base_info=base_info)
         best_means = score()
     return start_means, best_means
+
+
+def run_outcome(
+    config: TrainConfig,
+    *,
+    adapter: Path,
+    case_files: Sequence[Path],
+    loader: Any,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    dist: DistInfo,
+    features: Any,
+    initial: float | None,
+    best: float,
+    best_epoch: int,
+    final: float | None,
+    stopped_early: bool,
+    steps: int,
+    val_on_train: bool,
+) -> dict[str, Any]:
+    """The summary's outcome fields: ``learned``, ``verdict``, ``val_dice_gain``, ``label_names``,
+    ``val_dice_per_label``, ``initial_val_dice_per_label`` and ``paired`` (the best adapter against the
+    starting model item by item, both scored again by :func:`score_start_and_best`).
+
+    ``features``: the run's feature cache, used only in embedding mode (see :func:`score_start_and_best`).
+    """
+    by_value = files_label_names(case_files)
+    start = best_items = None
+    if adapter.is_file() or dist.distributed:
+        start, best_items = score_start_and_best(
+            config,
+            adapter,
+            loader,
+            config.val_kinds(),
+            device,
+            amp_dtype,
+            dist,
+            score_start=best_epoch > 0,
+            features=features,
+        )
+    paired = paired_gain(start, best_items) if start is not None and best_items is not None else None
+    learned, text = verdict(
+        initial=initial,
+        best=best,
+        best_epoch=max(best_epoch, 0),
+        final=final,
+        stopped_early=stopped_early,
+        steps=steps,
+        val_on_train=val_on_train,
+        paired=paired,
+    )
+    return {
+        "learned": learned,
+        "verdict": text,
+        "val_dice_gain": best - initial if initial is not None else None,
+        "label_names": {str(v): n for v, n in by_value.items()},
+        "val_dice_per_label": per_label(best_items, by_value) if best_items else {},
+        "initial_val_dice_per_label": per_label(start if start is not None else best_items or {}, by_value),
+        "paired": paired,
+    }
 
 
 # --- publishing ----------------------------------------------------------------------------------

@@ -1,1 +1,1 @@
-"""Train task: ``sam_lora`` (LoRA fine-tuning on the datastore's final labels, published as a new version)."""
+"""Train task: ``sam_lora`` (fine-tunes the mask decoder and, with lora_rank > 0, LoRA adapters on the encoder's q and v, on the datastore's final labels; published as a new version)."""

@@ -1,9 +1,11 @@
 """The options of a ``sam_lora`` training request: types and bounds, checked before a run is accepted.
 
-The server checks a request with :func:`train_options` when ``POST /train/sam_lora`` arrives (a bad
-option is a 422 at once, not a run that fails later), and the training subprocess reads it again with
-the same function. The bounds keep one request from taking the machine: ``lora_rank=1000000`` once
-made the training process grow to 20.6 GB before it was killed.
+The training options and their bounds are declared once, on :class:`sam_medical.training.config.TrainConfig`
+(:func:`~sam_medical.training.config.app_options`); the publish options are the
+:class:`sam_medical.training.outcome.PublishRule`'s. The server checks a request with :func:`train_options`
+when ``POST /train/sam_lora`` arrives (a bad option is a 422 at once, not a run that fails later), and the
+training subprocess reads it again with the same function. The bounds keep one request from taking the
+machine: ``lora_rank=1000000`` once made the training process grow to 20.6 GB before it was killed.
 """
 
 from __future__ import annotations
@@ -11,42 +13,40 @@ from __future__ import annotations
 from typing import Any
 
 from sam_medical.errors import UserInputError
-from sam_medical.prompts import PROMPT_MODES, check_prompt_mode
+from sam_medical.training.config import app_options
 from sam_medical.training.outcome import DEFAULT_ALPHA, DEFAULT_MIN_ITEMS, NOISE_MARGIN, PublishRule
 
-from ..configs.sam import SamAppConfig, as_bool, as_float, as_int
+from ..settings import SamAppConfig, as_float, as_int, first, parse_train_option
 
 PUBLISH_POLICIES = ("if_better", "always")
-PROMPTS = PROMPT_MODES
-#: Inclusive bounds of the integer options.
-INT_BOUNDS: dict[str, tuple[int, int]] = {
-    "epochs": (1, 1000),
-    "lora_rank": (0, 64),
-    "batch_size": (1, 64),
-    "max_steps": (0, 1_000_000),
-    "val_max_items": (0, 100_000),
-    "publish_min_items": (1, 100_000),
-}
-MAX_LEARNING_RATE = 1.0
+#: Inclusive bounds of ``publish_min_items``.
+MIN_ITEMS_BOUNDS = (1, 100_000)
 
 
-def _first(value: Any) -> Any:
-    """Slicer sends the first element of list-valued options; a JSON client may send the list."""
-    return value[0] if isinstance(value, list) and value else value
-
-
-def _bounded(value: Any, name: str) -> int:
-    low, high = INT_BOUNDS[name]
-    return as_int(value, name, low, maximum=high)
+def option_table(defaults: SamAppConfig) -> dict[str, Any]:
+    """What Slicer shows for ``sam_lora`` (``/info/``'s ``config``): each option with its default (the
+    default first in a list of choices), then the publish options."""
+    table: dict[str, Any] = {}
+    for o in app_options():
+        value = o.request_value(defaults.train_defaults[o.field])
+        table[o.key] = [value, *[c for c in o.choices if c != value]] if o.choices else value
+    return {
+        **table,
+        "publish": list(PUBLISH_POLICIES),
+        "publish_margin": NOISE_MARGIN,
+        "publish_alpha": DEFAULT_ALPHA,
+        "publish_min_items": DEFAULT_MIN_ITEMS,
+    }
 
 
 def train_options(request: dict[str, Any], defaults: SamAppConfig) -> dict[str, Any]:
     """The run's options from ``request`` (missing ones from the app's ``--conf`` defaults).
 
-    Returns a dict with ``epochs``, ``lr``, ``lora_rank``, ``prompt``, ``max_steps`` (None: no cap),
-    ``batch_size``, ``train_decoder``, ``val_fraction``, ``val_max_items`` (None: all), ``publish`` and
-    the ``if_better`` rule (:class:`sam_medical.training.outcome.PublishRule`): ``publish_margin`` (the least
-    validation Dice gain), ``publish_alpha`` (the significance level of the paired test) and
+    Returns a dict with one entry per :func:`~sam_medical.training.config.app_options` option under its
+    ``TrainConfig`` field name (``lr``, ``epochs``, ``lora_rank``, ``prompt``, ``max_steps`` (None: no cap),
+    ``batch_size``, ``train_decoder``, ``val_fraction``, ``val_max_items`` (None: all), ...), ``publish``
+    and the ``if_better`` rule (:class:`sam_medical.training.outcome.PublishRule`): ``publish_margin`` (the
+    least validation Dice gain), ``publish_alpha`` (the significance level of the paired test) and
     ``publish_min_items`` (fewer paired validation items: no test).
 
     Raises:
@@ -54,40 +54,29 @@ def train_options(request: dict[str, Any], defaults: SamAppConfig) -> dict[str, 
     """
     if not isinstance(request, dict):
         raise UserInputError(f"training options must be a JSON object, got {type(request).__name__}")
-
-    def get(key: str, default: Any) -> Any:
-        return _first(request.get(key, default))
-
-    publish = get("publish", "if_better")
+    publish = first(request.get("publish", "if_better"))
     if publish not in PUBLISH_POLICIES:
         raise UserInputError(f"publish must be one of {', '.join(PUBLISH_POLICIES)}, got {publish!r}")
-    prompt = get("prompt", defaults.prompt)
-    check_prompt_mode(str(prompt), "prompt")
-    val_fraction = as_float(get("val_fraction", 0.2), "val_fraction")
-    if not 0.0 <= val_fraction < 1.0:
-        raise UserInputError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    lr = as_float(get("learning_rate", defaults.learning_rate), "learning_rate", positive=True)
-    if lr > MAX_LEARNING_RATE:
-        raise UserInputError(f"learning_rate must be at most {MAX_LEARNING_RATE}, got {lr}")
-    rule = PublishRule(  # checks its own bounds
-        margin=as_float(get("publish_margin", NOISE_MARGIN), "publish_margin"),
-        alpha=as_float(get("publish_alpha", DEFAULT_ALPHA), "publish_alpha"),
-        min_items=_bounded(get("publish_min_items", DEFAULT_MIN_ITEMS), "publish_min_items"),
-    )
-    lora_rank = _bounded(get("lora_rank", defaults.lora_rank), "lora_rank")
-    train_decoder = as_bool(get("train_decoder", defaults.train_decoder), "train_decoder")
-    if lora_rank == 0 and not train_decoder:
+    opts = {
+        o.field: parse_train_option(o, request[o.key])
+        if o.key in request
+        else defaults.train_defaults[o.field]
+        for o in app_options()
+    }
+    if opts["lora_rank"] == 0 and not opts["train_decoder"]:
         raise UserInputError("lora_rank 0 trains no LoRA: set train_decoder true, or nothing would train")
+    rule = PublishRule(  # checks its own bounds
+        margin=as_float(first(request.get("publish_margin", NOISE_MARGIN)), "publish_margin"),
+        alpha=as_float(first(request.get("publish_alpha", DEFAULT_ALPHA)), "publish_alpha"),
+        min_items=as_int(
+            first(request.get("publish_min_items", DEFAULT_MIN_ITEMS)),
+            "publish_min_items",
+            MIN_ITEMS_BOUNDS[0],
+            maximum=MIN_ITEMS_BOUNDS[1],
+        ),
+    )
     return {
-        "epochs": _bounded(get("epochs", defaults.epochs), "epochs"),
-        "lr": lr,
-        "lora_rank": lora_rank,
-        "prompt": prompt,
-        "max_steps": _bounded(get("max_steps", defaults.max_steps), "max_steps") or None,
-        "batch_size": _bounded(get("batch_size", defaults.batch_size), "batch_size"),
-        "train_decoder": train_decoder,
-        "val_fraction": val_fraction,
-        "val_max_items": _bounded(get("val_max_items", 200), "val_max_items") or None,
+        **opts,
         "publish": publish,
         "publish_margin": rule.margin,
         "publish_alpha": rule.alpha,

@@ -17,7 +17,7 @@ MONAI Label runs ``POST /train/sam_lora`` in a **subprocess** (``monailabel.util
    gain over the starting model is at least ``publish_margin`` and, with at least ``publish_min_items``
    paired validation items, a one-sided Wilcoxon signed-rank test over those items is significant at
    ``publish_alpha`` (:func:`sam_medical.training.outcome.publish_decision`); it must load into a freshly built
-   base model with the base check of :func:`sam_medical.adapters.lora.load_adapter`, and give finite outputs;
+   base model with the base check of :func:`sam_medical.adapters.save_and_load.load_adapter`, and give finite outputs;
 4. it is published atomically as a new version (:class:`sam_medical.adapters.store.ModelStore`); the infer
    tasks pick it up at their next request. Earlier versions are kept.
 
@@ -47,28 +47,32 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
+from sam_medical.adapters.files import read_adapter_meta
+from sam_medical.adapters.save_and_load import load_adapter
 from sam_medical.adapters.store import ModelStore
 from sam_medical.atomic import write_json_atomic
+from sam_medical.canvas.preprocess import PreprocessOptions, preprocess_cases
 from sam_medical.errors import UserInputError
-from sam_medical.inference.predictor import window_options
-from sam_medical.prompts import PROMPT_MODES
-from sam_medical.training.outcome import (
-    DEFAULT_ALPHA,
-    DEFAULT_MIN_ITEMS,
-    NOISE_MARGIN,
-    PublishRule,
-    publish_decision,
-)
+from sam_medical.model import forward as sam_forward
+from sam_medical.training.config import TrainConfig, app_options
+from sam_medical.training.outcome import PublishRule, publish_decision
+from sam_medical.training.trainer import train
+from sam_medical.volume.dataset_layout import CasePair
+from sam_medical.volume.intensity import window_options
+from sam_medical.volume.io import image_stem
 
-from ..configs.sam import SamAppConfig, build_base_model
-from .options import PUBLISH_POLICIES, train_options
+from ..settings import SamAppConfig, build_base_model
+from .options import option_table, train_options
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +80,50 @@ logger = logging.getLogger(__name__)
 TRAIN_NICENESS = 10
 #: Run folders kept in ``<app>/model/train`` (log, summary, last state; the slice files are deleted).
 KEEP_RUNS = 5
+#: The summary keys kept in the train status and in a published version's metadata.
+SUMMARY_KEYS = (
+    "initial_val_dice",
+    "best_val_dice",
+    "best_epoch",
+    "final_val_dice",
+    "steps",
+    "seconds",
+    "train_cases",
+    "val_cases",
+    "val_items",
+    "learned",
+    "verdict",
+    "label_names",
+    "val_dice_per_label",
+    "initial_val_dice_per_label",
+    "paired",
+)
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def run_config(
+    app: SamAppConfig, opts: dict[str, Any], work: Path, init: str | None, cases: list[str]
+) -> TrainConfig:
+    """The :class:`TrainConfig` of a run: every option of the app's table (``opts``, by field name, from
+    :func:`.options.train_options`) and the fields the app sets itself (its settings, folders, the served
+    adapter to start from)."""
+    return TrainConfig(
+        data=str(work / "npz"),
+        out=str(work / "out"),
+        model=app.model,
+        checkpoint=app.checkpoint,
+        random_weights=not app.use_pretrained_model,
+        image_size=app.image_size,
+        seed=app.seed,
+        device=app.device,
+        adapter_init=init,
+        cache_dir=str(app.model_dir),
+        extra={"source": "monailabel_app sam_lora", "cases": cases},
+        **{o.field: opts[o.field] for o in app_options()},
+    )
 
 
 def _pid_alive(pid: Any) -> bool:
@@ -106,22 +150,7 @@ class SamLoraTrain(TrainTask):
         self.store = ModelStore(config.model_dir / "adapters")
 
     def config(self) -> dict[str, Any]:
-        c = self.app_config
-        return {
-            "epochs": c.epochs,
-            "learning_rate": c.learning_rate,
-            "lora_rank": c.lora_rank,
-            "prompt": [c.prompt, *[p for p in PROMPT_MODES if p != c.prompt]],
-            "max_steps": c.max_steps,
-            "batch_size": c.batch_size,
-            "train_decoder": c.train_decoder,
-            "val_fraction": 0.2,
-            "val_max_items": 200,
-            "publish": list(PUBLISH_POLICIES),
-            "publish_margin": NOISE_MARGIN,
-            "publish_alpha": DEFAULT_ALPHA,
-            "publish_min_items": DEFAULT_MIN_ITEMS,
-        }
+        return option_table(self.app_config)
 
     # -- status (read by the server process) -----------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -206,15 +235,26 @@ class SamLoraTrain(TrainTask):
     def _train(
         self, request: dict[str, Any], datastore: Datastore, status: dict[str, Any], work: Path
     ) -> dict:
-        from sam_medical.canvas.preprocess import CasePair, PreprocessOptions, preprocess_cases
-        from sam_medical.training.trainer import TrainConfig, train
-        from sam_medical.volume.io import image_stem
-
-        c = self.app_config
+        """Preprocess the final labels, train, validate and publish (the steps of the module docstring)."""
         opts = self.check_request(request)
         status.update({"options": opts, "total_epochs": opts["epochs"], "run_dir": str(work)})
+        manifest = self._preprocess(datastore, status, work)
+        if len(manifest["cases"]) < 2 and opts["val_fraction"] > 0:
+            opts["val_fraction"] = 0.0  # one labelled volume: validate on it (reported as val_on_train)
+            status["note"] = "only one labelled volume: validation runs on the training volume"
+        init, current = self._starting_adapter(opts["lora_rank"], status)
+        status.update({"stage": "training", "started_from": current.get("version") if init else "base"})
+        self._write_status(status)
+        cfg = run_config(self.app_config, opts, work, init, status["cases"])
+        summary = train(cfg, progress=True, on_epoch=self._on_epoch(status), on_step=self._on_step(status))
+        metrics = {k: summary.get(k) for k in SUMMARY_KEYS}
+        status.update({"summary": metrics, "stage": "validating"})
+        self._write_status(status)
+        return self._publish(summary, metrics, opts, status, work)
 
-        # 1. data: the final labels, preprocessed as the CLI does, with the served window
+    def _preprocess(self, datastore: Datastore, status: dict[str, Any], work: Path) -> dict[str, Any]:
+        """The final labels, preprocessed as ``sam-medical preprocess`` does, with the served window and the
+        app's label names, into ``work/npz``; returns the manifest."""
         status["stage"] = "preprocessing"
         self._write_status(status)
         pairs = datastore.datalist()
@@ -223,11 +263,11 @@ class SamLoraTrain(TrainTask):
                 "no image has a final label yet: save labels (Slicer: Submit Label) before training"
             )
         cases = [CasePair(image_stem(p["image"]), Path(p["image"]), Path(p["label"])) for p in pairs]
+        c = self.app_config
         modality, window = window_options(c.window)
         names = dict(c.labels) if c.labels_source != "default" else None  # "object" names no organ
-        manifest = preprocess_cases(
-            cases, work / "npz", PreprocessOptions(modality=modality, window=window, label_names=names)
-        )
+        options = PreprocessOptions(modality=modality, window=window, label_names=names)
+        manifest = preprocess_cases(cases, work / "npz", options)
         if not manifest["cases"]:
             raise UserInputError(f"no labelled image could be preprocessed: {manifest['failed']}")
         status.update(
@@ -237,15 +277,10 @@ class SamLoraTrain(TrainTask):
                 "slices": manifest["totals"]["slices_kept"],
             }
         )
+        return manifest
 
-        if len(manifest["cases"]) < 2 and opts["val_fraction"] > 0:
-            opts["val_fraction"] = 0.0  # one labelled volume: validate on it (reported as val_on_train)
-            status["note"] = "only one labelled volume: validation runs on the training volume"
-
-        # 2. train, starting from the served adapter when it fits
-        init, current = self._starting_adapter(opts["lora_rank"], status)
-        status.update({"stage": "training", "started_from": current.get("version") if init else "base"})
-        self._write_status(status)
+    def _on_step(self, status: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+        """The trainer's step callback: progress into the status, written at most once a second."""
         last_write = [0.0]
 
         def on_step(rec: dict[str, Any]) -> None:
@@ -254,57 +289,29 @@ class SamLoraTrain(TrainTask):
                 last_write[0] = time.time()
                 self._write_status(status)
 
+        return on_step
+
+    def _on_epoch(self, status: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+        """The trainer's epoch callback: validation Dice, the best so far and the history into the status."""
+
         def on_epoch(rec: dict[str, Any]) -> None:
             status.update({"epoch": rec["epoch"], "step": rec["step"], "val_dice": rec["val_dice"]})
             status["best_metric"] = max(float(status.get("best_metric") or 0.0), float(rec["val_dice"]))
             status.setdefault("history", []).append(rec)
             self._write_status(status)
 
-        cfg = TrainConfig(
-            data=str(work / "npz"),
-            out=str(work / "out"),
-            model=c.model,
-            checkpoint=c.checkpoint,
-            random_weights=not c.use_pretrained_model,
-            image_size=c.image_size,
-            epochs=opts["epochs"],
-            max_steps=opts["max_steps"],
-            lora_rank=opts["lora_rank"],
-            prompt=opts["prompt"],
-            train_decoder=opts["train_decoder"],
-            val_fraction=opts["val_fraction"],
-            val_max_items=opts["val_max_items"],
-            seed=c.seed,
-            batch_size=opts["batch_size"],
-            lr=opts["lr"],
-            device=c.device,
-            adapter_init=init,
-            cache_dir=str(c.model_dir),
-            extra={"source": "monailabel_app sam_lora", "cases": status["cases"]},
-        )
-        summary = train(cfg, progress=True, on_epoch=on_epoch, on_step=on_step)
-        keys = (
-            "initial_val_dice",
-            "best_val_dice",
-            "best_epoch",
-            "final_val_dice",
-            "steps",
-            "seconds",
-            "train_cases",
-            "val_cases",
-            "val_items",
-            "learned",
-            "verdict",
-            "label_names",
-            "val_dice_per_label",
-            "initial_val_dice_per_label",
-            "paired",
-        )
-        metrics = {k: summary.get(k) for k in keys}
-        status.update({"summary": metrics, "stage": "validating"})
-        self._write_status(status)
+        return on_epoch
 
-        # 3. validate: a gain that means something (sam_medical.training.outcome), an adapter that loads and runs
+    def _publish(
+        self,
+        summary: dict[str, Any],
+        metrics: dict[str, Any],
+        opts: dict[str, Any],
+        status: dict[str, Any],
+        work: Path,
+    ) -> dict[str, Any]:
+        """Validate (a gain that means something, :mod:`sam_medical.training.outcome`; an adapter that loads
+        and runs), then publish as a new version."""
         adapter = summary.get("adapter")
         if not adapter or not Path(adapter).is_file():
             raise UserInputError("training produced no adapter file")
@@ -314,8 +321,6 @@ class SamLoraTrain(TrainTask):
         if not decision["published"]:
             return {"published": False, "version": None, "reason": decision["reason"]}
         check = self._check_adapter(adapter, work)
-
-        # 4. publish
         status["stage"] = "publishing"
         self._write_status(status)
         version = self.store.publish(adapter, {**metrics, "check": check})
@@ -333,8 +338,6 @@ class SamLoraTrain(TrainTask):
         A served adapter of another rank, or one that cannot be read (a damaged ``current.json`` or
         adapter file, which the server refuses to serve too), means starting from the base model.
         """
-        from sam_medical.adapters.lora import read_adapter_meta
-
         try:
             current = self.store.current() or {}
             init = self.store.path_of(current["version"]) if current.get("version") else None
@@ -347,14 +350,8 @@ class SamLoraTrain(TrainTask):
 
     def _check_adapter(self, adapter: str, work: Path) -> dict[str, Any]:
         """Load the adapter into a freshly built served base model and run one slice through it."""
-        import numpy as np
-        import torch
-
-        from sam_medical.adapters import lora
-        from sam_medical.model import forward as sam_forward
-
         sam, base_info = build_base_model(self.app_config)
-        meta = lora.load_adapter(sam, adapter, base_info=base_info)
+        meta = load_adapter(sam, adapter, base_info=base_info)
         npz = sorted((work / "npz").glob("*.npz"))
         with np.load(npz[0]) as f:
             img = torch.from_numpy(f["imgs"][:1])

@@ -1,5 +1,8 @@
 """The app's settings, read from ``monailabel start_server ... --conf KEY VALUE`` (all values are strings).
 
+Not a MONAI Label ``TaskConfig``: ``main.py`` wires the tasks (``sam_2d``, ``sam_3d``, ``sam_lora``) itself,
+and every task reads its settings from the one :class:`SamAppConfig` parsed here.
+
 | key | default | meaning |
 |---|---|---|
 | ``model`` | ``medsam_lite`` | ``medsam_lite`` (LiteMedSAM, packaged), ``tiny`` (random, tests), ``vit_b``, ``vit_l`` or ``vit_h`` |
@@ -20,7 +23,7 @@
 | ``multimask`` | ``false`` | ``auto``: for a single click, best of SAM's three masks |
 | ``labels`` | (datastore) | label names shown in Slicer: ``liver,spleen`` (values 1, 2, ...) or ``liver=1,kidney=3``; default: the datastore's (``labels.json`` beside the studies, else the names its saved labels' info records), else ``object`` |
 | ``max_points`` | ``64`` | most foreground + background points accepted in one request (1..10000) |
-| ``epochs``, ``learning_rate``, ``lora_rank``, ``train_decoder``, ``prompt``, ``max_steps``, ``batch_size`` | ``sam-medical train``'s | training defaults (a train request may override them): the measured recipe of :mod:`sam_medical.training.config` (``lora_rank`` 0 with ``train_decoder``: the mask decoder alone, on cached embeddings) |
+| every option of ``sam_lora``'s table (``epochs``, ``learning_rate``, ``lora_rank``, ...) | ``sam-medical train``'s | training defaults (a train request may override them), with the same bounds: the options and the measured recipe are declared once in :mod:`sam_medical.training.config` (:func:`~sam_medical.training.config.app_options`; ``lora_rank`` 0 with ``train_decoder``: the mask decoder alone, on cached embeddings) |
 """
 
 from __future__ import annotations
@@ -33,10 +36,11 @@ from typing import Any
 
 from sam_medical.errors import UserInputError
 from sam_medical.inference.engines import check_precision, check_runtime
-from sam_medical.inference.predictor import window_options
+from sam_medical.model.build import build_sam
 from sam_medical.model.registry import DEFAULT_MODEL, MODEL_NAMES, check_image_size
 from sam_medical.prompts import check_prompt_mode
-from sam_medical.training.config import default as recipe_default
+from sam_medical.training.config import AppOption, app_options
+from sam_medical.volume.intensity import window_options
 from sam_medical.volume.label_names import check_label_names, datastore_label_names
 
 TRUE = ("1", "true", "yes", "on")
@@ -83,6 +87,52 @@ def as_float(value: Any, name: str, positive: bool = False) -> float:
     return out
 
 
+def first(value: Any) -> Any:
+    """Slicer sends the first element of list-valued options; a JSON client may send the list."""
+    return value[0] if isinstance(value, list) and value else value
+
+
+def parse_train_option(opt: AppOption, value: Any, name: str | None = None) -> Any:
+    """A training option of the app (``--conf`` or a request) as its ``TrainConfig`` value, within the
+    bounds declared in :mod:`sam_medical.training.config`.
+
+    Raises:
+        UserInputError: naming the option (``name``, default its key) and what it accepts.
+    """
+    name, value = name or opt.key, first(value)
+    if opt.kind is bool:
+        return as_bool(value, name)
+    if opt.choices:
+        return check_prompt_mode(str(value), name) if opt.field == "prompt" else _choice(opt, value, name)
+    if opt.kind is int:
+        out: Any = as_int(value, name, opt.low, maximum=opt.high)  # type: ignore[arg-type]
+    elif opt.kind is float:
+        out = as_float(value, name, positive=opt.low_open and opt.low == 0)
+        if opt.low is not None and not opt.low_open and (out < opt.low or opt.high_open and out >= opt.high):
+            close = ")" if opt.high_open else "]"
+            raise UserInputError(f"{name} must be in [{opt.low:g}, {opt.high:g}{close}, got {out}")
+        if opt.high is not None and out > opt.high:
+            raise UserInputError(f"{name} must be at most {opt.high}, got {out}")
+    else:
+        out = str(value)
+    return None if opt.zero_is_none and out == 0 else out
+
+
+def _choice(opt: AppOption, value: Any, name: str) -> str:
+    if str(value) not in (opt.choices or ()):
+        raise UserInputError(f"{name} must be one of {', '.join(opt.choices or ())}, got {value!r}")
+    return str(value)
+
+
+def train_defaults(conf: dict[str, Any]) -> dict[str, Any]:
+    """``{TrainConfig field: value}``: each option of the app's training table from ``--conf`` (its key)
+    when given, else its declared default."""
+    return {
+        o.field: parse_train_option(o, conf[o.key], f"--conf {o.key}") if o.key in conf else o.default
+        for o in app_options()
+    }
+
+
 @dataclass(frozen=True)
 class SamAppConfig:
     """Validated app settings (see the module docstring)."""
@@ -111,14 +161,8 @@ class SamAppConfig:
     labels_source: str = "default"
     labels_notes: tuple[str, ...] = ()
     max_points: int = 64
-    # training defaults: sam-medical train's (the measured recipe); max_steps 0 means no cap
-    epochs: int = recipe_default("epochs")
-    learning_rate: float = recipe_default("lr")
-    lora_rank: int = recipe_default("lora_rank")
-    train_decoder: bool = recipe_default("train_decoder")
-    prompt: str = recipe_default("prompt")
-    max_steps: int = recipe_default("max_steps") or 0
-    batch_size: int = recipe_default("batch_size")
+    #: ``{TrainConfig field: value}``: the defaults of ``sam_lora``'s options (:func:`train_defaults`)
+    train_defaults: dict[str, Any] = field(default_factory=lambda: train_defaults({}))
 
     @property
     def model_dir(self) -> Path:
@@ -160,16 +204,6 @@ class SamAppConfig:
             UserInputError: a value that cannot be used, with the accepted values.
         """
         c = {str(k): v for k, v in (conf or {}).items()}
-        model = str(c.get("model", DEFAULT_MODEL)).strip()
-        if model not in MODEL_NAMES:
-            raise UserInputError(f"--conf model {model!r} is unknown; choose one of {', '.join(MODEL_NAMES)}")
-        checkpoint = c.get("checkpoint") or None
-        if checkpoint is not None:
-            checkpoint = str(Path(str(checkpoint)).expanduser().resolve())
-        use_pretrained = as_bool(c.get("use_pretrained_model", "true"), "--conf use_pretrained_model")
-        if checkpoint and not use_pretrained:
-            raise UserInputError("--conf checkpoint and --conf use_pretrained_model false exclude each other")
-        image_size = check_image_size(as_int(c.get("image_size", 256), "--conf image_size"), model)
         device = str(c.get("device", "auto")).strip().lower()
         if device not in ("auto", "cpu", "cuda") and not (
             device.startswith("cuda:") and device[5:].isdigit()
@@ -183,17 +217,9 @@ class SamAppConfig:
         if multimask not in ("false", "auto"):
             raise UserInputError(f"--conf multimask must be false or auto, got {multimask!r}")
         labels, source, notes = app_labels(c.get("labels"), studies)
-        prompt = check_prompt_mode(str(c.get("prompt", cls.prompt)).strip(), "--conf prompt")
-        export_dir = c.get("export_dir") or None
-        if export_dir is not None:
-            export_dir = str(Path(str(export_dir)).expanduser().resolve())
         return cls(
             app_dir=str(Path(app_dir).resolve()),
-            model=model,
-            checkpoint=checkpoint,
-            use_pretrained_model=use_pretrained,
-            seed=as_int(c.get("seed", 0), "--conf seed", 0),
-            image_size=image_size,
+            **_model_conf(c),
             device=device,
             window=window,
             adapter=adapter,
@@ -203,22 +229,37 @@ class SamAppConfig:
             torch_threads=as_int(c.get("torch_threads", 0), "--conf torch_threads", 0),
             runtime=check_runtime(c.get("runtime", "auto"), "--conf runtime"),
             precision=check_precision(c.get("precision", "fp32"), "--conf precision"),
-            export_dir=export_dir,
+            export_dir=_resolved(c.get("export_dir")),
             multimask=multimask,
             labels=labels,
             labels_source=source,
             labels_notes=tuple(notes),
             max_points=as_int(c.get("max_points", 64), "--conf max_points", 1, maximum=10_000),
-            epochs=as_int(c.get("epochs", cls.epochs), "--conf epochs", 1),
-            learning_rate=as_float(
-                c.get("learning_rate", cls.learning_rate), "--conf learning_rate", positive=True
-            ),
-            lora_rank=as_int(c.get("lora_rank", cls.lora_rank), "--conf lora_rank", 0),
-            train_decoder=as_bool(c.get("train_decoder", cls.train_decoder), "--conf train_decoder"),
-            prompt=prompt,
-            max_steps=as_int(c.get("max_steps", cls.max_steps), "--conf max_steps", 0),
-            batch_size=as_int(c.get("batch_size", cls.batch_size), "--conf batch_size", 1),
+            train_defaults=train_defaults(c),
         )
+
+
+def _resolved(path: Any) -> str | None:
+    """An absolute path (``~`` expanded), or None for an empty setting."""
+    return str(Path(str(path)).expanduser().resolve()) if path else None
+
+
+def _model_conf(c: dict[str, Any]) -> dict[str, Any]:
+    """``model``, ``checkpoint``, ``use_pretrained_model``, ``image_size`` and ``seed`` from ``--conf``."""
+    model = str(c.get("model", DEFAULT_MODEL)).strip()
+    if model not in MODEL_NAMES:
+        raise UserInputError(f"--conf model {model!r} is unknown; choose one of {', '.join(MODEL_NAMES)}")
+    checkpoint = _resolved(c.get("checkpoint"))
+    use_pretrained = as_bool(c.get("use_pretrained_model", "true"), "--conf use_pretrained_model")
+    if checkpoint and not use_pretrained:
+        raise UserInputError("--conf checkpoint and --conf use_pretrained_model false exclude each other")
+    return {
+        "model": model,
+        "checkpoint": checkpoint,
+        "use_pretrained_model": use_pretrained,
+        "image_size": check_image_size(as_int(c.get("image_size", 256), "--conf image_size"), model),
+        "seed": as_int(c.get("seed", 0), "--conf seed", 0),
+    }
 
 
 DEFAULT_LABELS: dict[str, int] = {"object": 1}
@@ -261,8 +302,6 @@ def build_base_model(cfg: SamAppConfig) -> tuple[Any, dict[str, Any]]:
 
     Official checkpoints are looked up, or downloaded once and MD5-checked, in the app's model folder.
     """
-    from sam_medical.model.build import build_sam
-
     return build_sam(
         cfg.model,
         image_size=cfg.image_size,

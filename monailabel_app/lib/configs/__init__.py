@@ -1,1 +1,0 @@
-"""App configuration parsed from ``--conf key value`` pairs."""
