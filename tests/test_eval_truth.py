@@ -19,8 +19,10 @@ from test_evaluation import GroundTruth, box_filler, run_eval, square, standard_
 from sam_medical.canvas.slice_file import load_npz, save_npz
 from sam_medical.cli.main import main
 from sam_medical.errors import UserInputError
-from sam_medical.evaluation.report import MIN_OVERLAY_PX
-from sam_medical.evaluation.run import PromptSettings, SamSlicePredictor, read_csv
+from sam_medical.evaluation.config import PromptSettings
+from sam_medical.evaluation.outputs import read_csv
+from sam_medical.evaluation.report_figures import MIN_OVERLAY_PX
+from sam_medical.evaluation.served_sam import ServedSam
 
 
 def name_labels(path: Path, names: dict[int, str]) -> Path:
@@ -140,8 +142,10 @@ def test_refine_with_sam_encodes_each_slice_once(data: Path, tmp_path: Path) -> 
     sam, _ = build_sam("tiny", random_weights=True, seed=0)
     calls = {"encoder": 0, "decoder": 0}
     sam.image_encoder.register_forward_hook(lambda *a: calls.__setitem__("encoder", calls["encoder"] + 1))
-    sam.mask_decoder.register_forward_hook(lambda *a: calls.__setitem__("decoder", calls["decoder"] + 1))
-    run_eval(data, tmp_path / "out", SamSlicePredictor(sam), prompt=PromptSettings("point", refine=2))
+    sam.mask_decoder.transformer.register_forward_hook(
+        lambda *a: calls.__setitem__("decoder", calls["decoder"] + 1)
+    )
+    run_eval(data, tmp_path / "out", ServedSam(sam), prompt=PromptSettings("point", refine=2))
     rows = read_csv(tmp_path / "out" / "slices.csv")
     assert calls["encoder"] == 4  # slices k=1..4 hold an object: each encoded once for all its clicks
     assert calls["decoder"] >= 4 and all(len(r["dice_steps"].split(";")) == 3 for r in rows)

@@ -16,17 +16,12 @@ from sam_medical.canvas.geometry import SliceGeometry
 from sam_medical.canvas.slice_file import save_npz
 from sam_medical.cli.main import main
 from sam_medical.errors import UserInputError
-from sam_medical.evaluation.run import (
-    BASELINE_COLUMNS,
-    CSV_COLUMNS,
-    EvalConfig,
-    PromptSettings,
-    SamSlicePredictor,
-    describe,
-    evaluate,
-    paired_comparison,
-    read_csv,
-)
+from sam_medical.evaluation.config import EvalConfig, PromptSettings
+from sam_medical.evaluation.outputs import BASELINE_COLUMNS, CSV_COLUMNS, read_csv
+from sam_medical.evaluation.run import evaluate
+from sam_medical.evaluation.served_sam import ServedSam
+from sam_medical.evaluation.summary import describe
+from sam_medical.metrics import paired_comparison
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SPACING = (0.5, 2.0, 3.0)
@@ -422,8 +417,10 @@ def test_sam_predictor_encodes_each_slice_once_and_batches_prompts(data: Path, t
     sam, _ = build_sam("tiny", random_weights=True, seed=0)
     calls = {"encoder": 0, "decoder": 0}
     sam.image_encoder.register_forward_hook(lambda *a: calls.__setitem__("encoder", calls["encoder"] + 1))
-    sam.mask_decoder.register_forward_hook(lambda *a: calls.__setitem__("decoder", calls["decoder"] + 1))
-    summary = run_eval(data, tmp_path / "out", SamSlicePredictor(sam, batch_prompts=32), include_empty=True)
+    sam.mask_decoder.transformer.register_forward_hook(
+        lambda *a: calls.__setitem__("decoder", calls["decoder"] + 1)
+    )
+    summary = run_eval(data, tmp_path / "out", ServedSam(sam, batch_prompts=32), include_empty=True)
     # 5 slices, 2 objects each (include_empty): 5 encoder and 5 decoder calls
     assert summary["overall"]["objects_scored"] == 10
     assert calls == {"encoder": 5, "decoder": 5}
@@ -433,7 +430,7 @@ def test_sam_predictor_encodes_each_slice_once_and_batches_prompts(data: Path, t
     )
     # batch_prompts=1: one decoder call per object, same numbers
     calls.update(encoder=0, decoder=0)
-    run_eval(data, tmp_path / "out1", SamSlicePredictor(sam, batch_prompts=1), include_empty=True)
+    run_eval(data, tmp_path / "out1", ServedSam(sam, batch_prompts=1), include_empty=True)
     assert calls == {"encoder": 5, "decoder": 10}
     rows1 = read_csv(tmp_path / "out1" / "slices.csv")
     assert [r["pred_area"] for r in rows1] == [r["pred_area"] for r in rows]

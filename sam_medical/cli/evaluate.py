@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from sam_medical.errors import UserInputError
 from sam_medical.model.registry import DEFAULT_MODEL, MODEL_NAMES
+from sam_medical.outdir import prepare_output_dir, remove_created
+from sam_medical.volume.label_names import find_label_names, label_display
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -18,6 +22,15 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Prompt every labelled object of every slice deterministically, predict it, and score it at "
         "the source resolution. Writes OUT/slices.csv, OUT/summary.json and OUT/report.html (self-contained).",
     )
+    _add_data_and_model(p)
+    _add_prompt(p)
+    _add_runtime(p)
+    _add_outputs_and_baseline(p)
+    return p
+
+
+def _add_data_and_model(p: argparse.ArgumentParser) -> None:
+    """--data/--dataset and the model: family, weights, adapter, input size."""
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument(
         "--data", metavar="NPZ_DIR", help="folder of .npz slice files (from sam-medical preprocess)"
@@ -40,6 +53,10 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--model-seed", type=int, default=0, help="seed of random weights (default 0)")
     p.add_argument("--adapter", help="LoRA adapter file to load onto the model")
     p.add_argument("--image-size", type=int, default=256, help="model input size (256 native, 1024 official)")
+
+
+def _add_prompt(p: argparse.ArgumentParser) -> None:
+    """How each object is prompted: kind, clicks, corrective clicks, jitter, seed."""
     p.add_argument(
         "--prompt",
         choices=("box", "point", "box+point"),
@@ -60,7 +77,39 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--box-jitter", type=int, default=0, help="random box jitter in pixels at 256 (default 0: tight)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts (jitter, extra clicks)")
-    p.add_argument("--multimask", action="store_true", help="take the best of SAM's 3 masks by predicted IoU")
+
+
+def _add_runtime(p: argparse.ArgumentParser) -> None:
+    """How the model runs, as served: multimask rule, runtime, export cache, 3D propagation."""
+    p.add_argument(
+        "--multimask",
+        default="auto",
+        metavar="{auto,on,off}",
+        help="SAM's three masks and the best by predicted IoU: auto (default, as served: only for a lone "
+        "click), on (every prompt) or off (the single-mask output)",
+    )
+    p.add_argument(
+        "--runtime",
+        default="auto",
+        metavar="{auto,torch,onnx,openvino}",
+        help="what runs the model, as served: auto (default: onnx on the CPU when installed, torch on CUDA), "
+        "torch, onnx (ONNX Runtime) or openvino; exports are verified against PyTorch and cached",
+    )
+    p.add_argument(
+        "--export-dir",
+        metavar="DIR",
+        help="cache of verified ONNX exports (default: $SAM_MEDICAL_CACHE/exports or ~/.cache/sam_medical/exports)",
+    )
+    p.add_argument(
+        "--propagate",
+        action="store_true",
+        help="also score sam_3d: one prompt per object on its largest slice, propagated through the file's "
+        "slices; reports the 3D Dice per object and its mean",
+    )
+
+
+def _add_outputs_and_baseline(p: argparse.ArgumentParser) -> None:
+    """The output folder, the baseline, what is scored and written, batching."""
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="output folder")
     base = p.add_mutually_exclusive_group()
     base.add_argument("--baseline-adapter", help="compare with the same model carrying this adapter instead")
@@ -85,17 +134,16 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--no-report", action="store_true", help="skip report.html")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from sam_medical.evaluation.config import ModelSpec, PromptSettings  # torch: keeps --help fast
+    from sam_medical.inference.decoding import check_multimask  # torch: keeps --help fast
+    from sam_medical.inference.engines import check_runtime  # torch: keeps --help fast
+    from sam_medical.model.build import check_image_size, check_model_name  # torch: keeps --help fast
 
-    from sam_medical.errors import UserInputError
-    from sam_medical.evaluation.run import ModelSpec, PromptSettings
-    from sam_medical.model.build import check_image_size, check_model_name
-    from sam_medical.outdir import prepare_output_dir, remove_created
-
+    check_runtime(args.runtime, "--runtime")
+    check_multimask(args.multimask, "--multimask")
     check_model_name(args.model)
     check_image_size(args.image_size, args.model)
     if args.baseline_checkpoint and not args.baseline_model:
@@ -140,8 +188,6 @@ def run(args: argparse.Namespace) -> int:
 
 def parse_label_selection(text: str | None) -> tuple[int | str, ...] | None:
     """``"liver,3"`` -> ``("liver", 3)``: values (1..255) and names; ``None``/empty -> ``None`` (all)."""
-    from sam_medical.errors import UserInputError
-
     if not text:
         return None
     out: list[int | str] = []
@@ -163,9 +209,8 @@ def _evaluate(
     args: argparse.Namespace, out: Path, prompt: Any, labels: Any, model: Any, baseline: Any
 ) -> int:
     """Preprocess ``--dataset`` if given, evaluate, print the summary; ``out`` exists and is writable."""
-    import json
-
-    from sam_medical.evaluation.run import EvalConfig, evaluate
+    from sam_medical.evaluation.config import EvalConfig  # torch: keeps --help fast
+    from sam_medical.evaluation.run import evaluate  # torch: keeps --help fast
 
     extra: dict = {}
     if args.dataset:
@@ -186,6 +231,9 @@ def _evaluate(
         batch_prompts=args.batch_prompts,
         batch_images=args.batch_images,
         multimask=args.multimask,
+        runtime=args.runtime,
+        export_dir=args.export_dir,
+        propagate=args.propagate,
         report=not args.no_report,
         progress=not args.quiet and sys.stderr.isatty(),
         extra=extra,
@@ -207,6 +255,9 @@ def _evaluate(
         result["dice_diff_mean"] = summary["comparison"]["overall"]["mean_diff"]
         result["wilcoxon_p"] = summary["comparison"]["overall"]["wilcoxon_p"]
         result["same_as_baseline"] = summary["comparison"]["same_as_baseline"]
+    if summary.get("propagation"):
+        result["sam_3d_dice_mean"] = summary["propagation"]["volume_dice"]["mean"]
+    result["runtime"] = (summary.get("model") or {}).get("runtime", {}).get("runtime")
     print(json.dumps(result))
     return 0
 
@@ -217,11 +268,11 @@ def _preprocess_dataset(args: argparse.Namespace, out) -> tuple[list, dict]:
     With ``--include-empty`` every slice is kept (``keep_empty=1``), so that false positives anywhere in
     the volume are counted. Any failed case is an error: an evaluation must not silently drop volumes.
     """
-    from pathlib import Path
-
-    from sam_medical.canvas.preprocess import PreprocessOptions, find_cases, preprocess_cases
-    from sam_medical.errors import UserInputError
-    from sam_medical.volume.label_names import find_label_names
+    from sam_medical.canvas.preprocess import (  # image readers: keeps --help fast
+        PreprocessOptions,
+        preprocess_cases,
+    )
+    from sam_medical.volume.dataset_layout import find_cases  # keeps --help fast
 
     cases, layout, unlabelled = find_cases(args.dataset)
     names = find_label_names(args.dataset)  # labels.json beside the volumes, or a Decathlon dataset.json
@@ -256,8 +307,6 @@ def _print_summary(summary: dict) -> None:
     def f(v, d=3):
         return "-" if v is None else f"{v:.{d}f}"
 
-    from sam_medical.volume.label_names import label_display
-
     names = {int(v): n for v, n in summary.get("label_names", {}).items()}
     for label, e in summary["per_label"].items():
         c = e["counts"]
@@ -275,6 +324,14 @@ def _print_summary(summary: dict) -> None:
         )
     if summary.get("box_fill"):
         print(summary["box_fill"]["verdict"])
+    prop = summary.get("propagation")
+    if prop:
+        for e in prop["objects"]:
+            print(
+                f"sam_3d {e['case']} {label_display(int(e['label']), names)}: 3D Dice {f(e['dice_3d'])} from one "
+                f"prompt on k={e['prompt_slice']} ({len(e['slices_walked'])} slices walked)"
+            )
+        print(f"sam_3d 3D Dice mean {f(prop['volume_dice']['mean'])} ({prop['slices_scored']})")
     comp = summary.get("comparison")
     if comp:
         c = comp["overall"]
