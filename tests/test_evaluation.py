@@ -540,3 +540,113 @@ def test_shared_sts_cases_end_to_end(tmp_path: Path) -> None:
         lab = load_label(SHARED / "sts_ct" / name / "label.nii.gz")
         mask = load_label(tmp_path / "perfect" / "masks" / f"{name}.nii.gz", lab)
         np.testing.assert_array_equal(mask.array, lab.array)
+
+
+# --- served runtime, multimask rule, sam_3d ------------------------------------------------------------
+
+
+def test_runtime_onnx_and_torch_give_the_same_dice(data: Path, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    from sam_medical.evaluation.config import ModelSpec
+
+    spec = ModelSpec(name="tiny", random_weights=True)
+    summaries, rows = {}, {}
+    for runtime in ("torch", "onnx"):
+        cfg = EvalConfig(
+            data=data,
+            out_dir=tmp_path / runtime,
+            model=spec,
+            device="cpu",
+            runtime=runtime,
+            export_dir=tmp_path / "exports",
+            prompt=PromptSettings("box+point"),
+            report=False,
+        )
+        summaries[runtime] = evaluate(cfg)
+        rows[runtime] = read_csv(tmp_path / runtime / "slices.csv")
+    assert summaries["onnx"]["model"]["runtime"]["runtime"] == "onnx"
+    assert summaries["torch"]["model"]["runtime"]["runtime"] == "torch"
+    # random tiny weights put many logits next to 0, where fp32 rounding may flip a pixel: the Dice agree
+    # to 1e-3 (the real models give identical masks, and the export is verified at mask Dice >= 0.995)
+    assert len(rows["onnx"]) == len(rows["torch"]) == 6
+    for a, b in zip(rows["onnx"], rows["torch"], strict=True):
+        assert (a["case"], a["slice_index"], a["label"]) == (b["case"], b["slice_index"], b["label"])
+        assert a["dice"] == pytest.approx(b["dice"], abs=1e-3)
+    assert summaries["onnx"]["overall"]["slice_dice"]["mean"] == pytest.approx(
+        summaries["torch"]["overall"]["slice_dice"]["mean"], abs=1e-3
+    )
+    assert (tmp_path / "exports").is_dir() and any((tmp_path / "exports").iterdir())
+
+
+def test_multimask_auto_is_three_masks_for_a_lone_click_only(data: Path, tmp_path: Path, tiny_sam) -> None:
+    def areas(kind: str, rule: str) -> list[float]:
+        out = tmp_path / f"{kind}-{rule}"
+        run_eval(data, out, ServedSam(tiny_sam, multimask=rule), prompt=PromptSettings(kind))
+        return [(r["pred_area"], r["pred_iou"]) for r in read_csv(out / "slices.csv")]
+
+    # a lone click: auto asks for SAM's three masks and keeps the best, as "on" does
+    assert areas("point", "auto") == areas("point", "on") != areas("point", "off")
+    # a box (and two clicks): auto decodes SAM's single mask, as "off" does
+    assert areas("box", "auto") == areas("box", "off") != areas("box", "on")
+    assert ServedSam(tiny_sam, multimask=True).multimask == "on"
+    assert ServedSam(tiny_sam, multimask=False).multimask == "off"
+
+
+def test_propagate_reports_sam_3d_dice_consistent_with_the_walk(data: Path, tmp_path: Path, tiny_sam) -> None:
+    from sam_medical.canvas.slice_file import load_npz
+    from sam_medical.evaluation.cases import scan_dataset
+    from sam_medical.evaluation.propagated import propagate_case
+
+    model = ServedSam(tiny_sam)
+    summary = run_eval(data, tmp_path / "out", model, propagate=True, report=True)
+    prop = summary["propagation"]
+    assert [(e["case"], e["label"]) for e in prop["objects"]] == [("a", 1), ("a", 2)]
+    assert "slices present in the .npz file" in prop["slices_scored"]
+    assert prop["volume_dice"]["n"] == 2
+    assert prop["volume_dice"]["mean"] == pytest.approx(np.mean([e["dice_3d"] for e in prop["objects"]]))
+    # label 1 is largest on k=1 (all equal: the lowest k), label 2 on k=2
+    assert [e["prompt_slice"] for e in prop["objects"]] == [1, 2]
+    assert "sam_3d from one prompt" in (tmp_path / "out" / "report.html").read_text()
+    # the 3D Dice by hand, over the file's 5 slices (k = 1..5), from the walk's own mask
+    (case,), _ = scan_dataset([data / "a.npz"], None)
+    arrays = load_npz(case.path, keys=("imgs", "gts"))
+    entries = propagate_case(
+        model, case, arrays["imgs"], arrays["gts"], [1, 2], PromptSettings(), keep_masks=True
+    )
+    for entry, reported in zip(entries, prop["objects"], strict=True):
+        pred = entry["_mask"]
+        truth = np.stack([arrays["gts"][r] == entry["label"] for r in range(5)], axis=-1)
+        assert pred.shape == truth.shape == (256, 256, 5)
+        total = pred.sum() + truth.sum()
+        by_hand = 2.0 * (pred & truth).sum() / total if total else 1.0
+        assert entry["dice_3d"] == pytest.approx(by_hand, abs=1e-9)  # MONAI sums in float32
+        assert reported["dice_3d"] == pytest.approx(by_hand, abs=1e-9)
+        assert reported["pred_voxels"] == int(pred.sum()) and reported["gt_voxels"] == int(truth.sum())
+
+
+def test_bad_runtime_multimask_and_propagate_are_refused(data: Path, tmp_path: Path, capsys) -> None:
+    base = [
+        "evaluate",
+        "--data",
+        str(data),
+        "--model",
+        "tiny",
+        "--prompt",
+        "box",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    for argv, word in (
+        (["--runtime", "cuda"], "--runtime must be one of auto, torch, onnx, openvino"),
+        (["--multimask", "maybe"], "--multimask must be one of auto, on, off"),
+    ):
+        assert main(base + argv) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1 and err.startswith("error: ") and word in err, err
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(UserInputError, match="multimask"):
+        EvalConfig(data=data, out_dir=tmp_path / "o", multimask="sometimes")
+    with pytest.raises(UserInputError, match="runtime"):
+        EvalConfig(data=data, out_dir=tmp_path / "o", runtime="tpu")
+    with pytest.raises(UserInputError, match="--propagate"):
+        run_eval(data, tmp_path / "o", box_filler, propagate=True)

@@ -110,8 +110,11 @@ def propagate_case(
     gts: np.ndarray,
     labels: Sequence[int],
     settings: PromptSettings,
+    keep_masks: bool = False,
 ) -> list[dict[str, Any]]:
-    """One entry per label of ``labels`` present in ``case``: the walk and its 3D scores."""
+    """One entry per label of ``labels`` present in ``case``: the walk and its 3D scores; with
+    ``keep_masks``, also ``_mask``: the walk's ``(I, J, N)`` bool mask over the file's slices in ``k``
+    order (not written to the outputs)."""
     geom = case.geometry
     order = np.argsort(case.slice_index, kind="stable")
     canvases = FileCanvases(case.name, None, None, geom, canvases=imgs[order])  # type: ignore[arg-type]
@@ -136,6 +139,8 @@ def propagate_case(
         entry.update(volume_scores(pred, truth, (geom.height, geom.width), case.spacing))
         entry["slices_walked"] = [int(ks[p]) for p in info["slices"]]
         entry["stopped"] = info["stopped"]
+        if keep_masks:
+            entry["_mask"] = mask > 0
         out.append(entry)
     return out
 
