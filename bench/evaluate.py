@@ -6,7 +6,7 @@ The rate is that of the evaluation loop (encode once per slice, one decoder call
 map back, score, 3D metrics); model building and the HTML report are not included.
 Prints one JSON line.
 
-    python bench/evaluate.py [--cases 4] [--slices 12] [--vit-b-slices 4] [--device auto]
+    python bench/evaluate.py [--cases 4] [--slices 12] [--vit-b-slices 4] [--device auto] [--runtime auto]
 """
 
 from __future__ import annotations
@@ -57,8 +57,9 @@ def make_data(folder: Path, cases: int, slices: int, shape=(200, 180), seed: int
     return folder
 
 
-def run(model: str, data: Path, out: Path, device: str) -> dict:
-    from sam_medical.evaluation.run import EvalConfig, ModelSpec, evaluate
+def run(model: str, data: Path, out: Path, device: str, runtime: str) -> dict:
+    from sam_medical.evaluation.config import EvalConfig, ModelSpec
+    from sam_medical.evaluation.run import evaluate
 
     t = time.perf_counter()
     summary = evaluate(
@@ -67,11 +68,13 @@ def run(model: str, data: Path, out: Path, device: str) -> dict:
             out_dir=out,
             model=ModelSpec(name=model, random_weights=True, image_size=256),
             device=device,
+            runtime=runtime,
+            export_dir=out.parent / "exports",
             report=False,
         )
     )
     timing = summary["timing"]
-    model_only = model_only_seconds(model, data, summary["model"]["device"])
+    model_only = model_only_seconds(model, data, summary["model"]["device"], runtime, out.parent / "exports")
     return {
         "slices": timing["slices"],
         "objects": timing["objects"],
@@ -82,30 +85,30 @@ def run(model: str, data: Path, out: Path, device: str) -> dict:
         "overhead_fraction": round(1 - model_only / timing["evaluation_seconds"], 3),
         "wall_seconds_with_model_build": round(time.perf_counter() - t, 3),
         "device": summary["model"]["device"],
+        "runtime": summary["model"]["runtime"]["runtime"],
     }
 
 
-def model_only_seconds(model: str, data: Path, device: str) -> float:
-    """The same encoder and decoder calls as the evaluation, nothing else (the floor of its time)."""
+def model_only_seconds(model: str, data: Path, device: str, runtime: str, export_dir: Path) -> float:
+    """The same encoder and decoder calls as the evaluation (the served engine and
+    ``decode_prompts``), nothing else: the floor of its time."""
     import torch
 
-    from sam_medical.model.build import build_sam
-    from sam_medical.model.forward import canvas_to_input, decode_many, encode, logits_to_canvas
+    from sam_medical.evaluation.config import ModelSpec
+    from sam_medical.evaluation.served_sam import build_served_sam
+    from sam_medical.evaluation.slice_requests import ObjectPrompt
     from sam_medical.prompts import tight_box
 
-    sam, _ = build_sam(model, random_weights=True, image_size=256)
-    sam.to(device).eval()
+    spec = ModelSpec(name=model, random_weights=True, image_size=256)
+    served = build_served_sam(spec, device=torch.device(device), runtime=runtime, export_dir=export_dir)
     total = 0.0
     for path in sorted(data.glob("*.npz")):
         arrays = np.load(path)
         imgs, gts = arrays["imgs"], arrays["gts"]
         for row in range(imgs.shape[0]):
-            boxes = np.stack([tight_box(gts[row] == v) for v in (1, 2)])
+            prompts = [ObjectPrompt(box=tight_box(gts[row] == v)) for v in (1, 2)]
             t = time.perf_counter()
-            with torch.inference_mode():
-                emb = encode(sam, canvas_to_input(sam, torch.from_numpy(imgs[row : row + 1])))
-                low, _ = decode_many(sam, emb, boxes=torch.from_numpy(boxes).to(device))
-                logits_to_canvas(low[:, 0]).cpu()
+            served.decode(served.encode(imgs[row : row + 1]), prompts)
             total += time.perf_counter() - t
     return total
 
@@ -116,6 +119,7 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=12)
     parser.add_argument("--vit-b-slices", type=int, default=4, help="0 skips vit_b")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--runtime", default="auto", help="auto, torch, onnx or openvino (as evaluate)")
     args = parser.parse_args()
 
     import torch
@@ -124,10 +128,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         make_data(root / "tiny_data", args.cases, args.slices)
-        result["tiny"] = run("tiny", root / "tiny_data", root / "tiny_out", args.device)
+        result["tiny"] = run("tiny", root / "tiny_data", root / "tiny_out", args.device, args.runtime)
         if args.vit_b_slices:
             make_data(root / "vitb_data", 1, args.vit_b_slices)
-            result["vit_b_256"] = run("vit_b", root / "vitb_data", root / "vitb_out", args.device)
+            result["vit_b_256"] = run(
+                "vit_b", root / "vitb_data", root / "vitb_out", args.device, args.runtime
+            )
     print(json.dumps(result))
 
 
