@@ -11,7 +11,7 @@ by MONAI Label with the model's ``config`` values:
   the predictor keeps no per-label state);
 
 The answer's mask holds the segment's value in the datastore's label maps (``liver`` -> 1, ``spleen``
--> 2: the app's ``labels``, see ``lib/configs/sam.py``), and ``label_names`` maps the segment name to it;
+-> 2: the app's ``labels``, see ``lib/settings.py``), and ``label_names`` maps the segment name to it;
 Slicer imports the one value of the answer into the clicked segment.
 * ``result_extension`` (``.nrrd``) and ``result_dtype`` (``uint8``).
 
