@@ -30,7 +30,7 @@ from sam_medical.metrics import paired_comparison
 from sam_medical.model.build import build_sam
 from sam_medical.training.config import TrainConfig
 from sam_medical.training.distributed import DistInfo, barrier, gather_lists
-from sam_medical.training.validation import ItemDice, item_dices
+from sam_medical.training.validation import ItemDice, Validation, item_dices
 from sam_medical.volume.label_names import files_label_names, label_key
 
 #: A validation gain below this (Dice) is within noise: the default publish margin, named in verdicts.
@@ -117,24 +117,15 @@ def verdict(
 
 
 def score_start_and_best(
-    config: TrainConfig,
-    adapter: Path,
-    loader: Any,
-    kinds: list[str],
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    dist: DistInfo,
-    *,
-    score_start: bool,
-    features: Any = None,
+    config: TrainConfig, adapter: Path, validation: Validation, dist: DistInfo, *, score_start: bool
 ) -> tuple[dict[ItemKey, float] | None, dict[ItemKey, float]]:
     """Per-item validation Dice of the starting model (base + ``--adapter-init``; when ``score_start``)
-    and of ``adapter`` (the best), on ``loader``: one freshly built model in eval mode, scored as the
-    starting model, then with ``adapter`` loaded (the trained model is not touched).
+    and of ``adapter`` (the best), on ``validation``'s items: one freshly built model in eval mode, scored
+    as the starting model, then with ``adapter`` loaded (the trained model is not touched).
 
-    ``features``: a :class:`~sam_medical.training.feature_cache.FeatureCache` whose entries hold what the base
-    encoder computes (embedding mode only: a stem cache's trunk belongs to the trained model). Under DDP
-    each rank scores its share and the items are gathered on every rank.
+    ``validation.features``: a :class:`~sam_medical.training.feature_cache.FeatureCache` whose entries hold
+    what the base encoder computes (embedding mode only: a stem cache's trunk belongs to the trained
+    model), or None. Under DDP each rank scores its share and the items are gathered on every rank.
     """
     barrier(dist)  # rank 0 may still be writing the last best adapter
     model, base_info = build_sam(config.model, **config.model_kwargs())
@@ -142,10 +133,10 @@ def score_start_and_best(
         load_adapter(model, config.adapter_init, base_info=base_info)
 
     def score() -> dict[ItemKey, float]:
-        model.to(device).eval()
+        model.to(validation.device).eval()
         for p in model.parameters():
             p.requires_grad_(False)
-        return item_means(gather_lists(item_dices(model, loader, kinds, device, amp_dtype, features), dist))
+        return item_means(gather_lists(item_dices(model, validation), dist))
 
     with torch.no_grad():
         start_means = score() if score_start else None
@@ -159,11 +150,8 @@ def run_outcome(
     *,
     adapter: Path,
     case_files: Sequence[Path],
-    loader: Any,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
+    validation: Validation,
     dist: DistInfo,
-    features: Any,
     initial: float | None,
     best: float,
     best_epoch: int,
@@ -174,23 +162,13 @@ def run_outcome(
 ) -> dict[str, Any]:
     """The summary's outcome fields: ``learned``, ``verdict``, ``val_dice_gain``, ``label_names``,
     ``val_dice_per_label``, ``initial_val_dice_per_label`` and ``paired`` (the best adapter against the
-    starting model item by item, both scored again by :func:`score_start_and_best`).
-
-    ``features``: the run's feature cache, used only in embedding mode (see :func:`score_start_and_best`).
+    starting model item by item, both scored again by :func:`score_start_and_best` on ``validation``).
     """
     by_value = files_label_names(case_files)
     start = best_items = None
     if adapter.is_file() or dist.distributed:
         start, best_items = score_start_and_best(
-            config,
-            adapter,
-            loader,
-            config.val_kinds(),
-            device,
-            amp_dtype,
-            dist,
-            score_start=best_epoch > 0,
-            features=features,
+            config, adapter, validation, dist, score_start=best_epoch > 0
         )
     paired = paired_gain(start, best_items) if start is not None and best_items is not None else None
     learned, text = verdict(

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import torch
-
 from sam_medical.atomic import write_json_atomic
 from sam_medical.training.config import TrainConfig
 from sam_medical.training.distributed import DistInfo
-from sam_medical.training.feature_cache import MODE_EMBEDDING, FeatureCache
 from sam_medical.training.loaders import RunData
 from sam_medical.training.outcome import run_outcome
 from sam_medical.training.run_folder import RunFolder
 from sam_medical.training.state import RunProgress
+from sam_medical.training.validation import Validation
 
 
 class Facts(NamedTuple):
@@ -72,18 +70,18 @@ def write_summary(
     facts: Facts,
     *,
     dist: DistInfo,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    features: FeatureCache,
+    validation: Validation,
     stop_reason: str | None,
     final: dict[str, float] | None,
     seconds: float,
 ) -> dict[str, Any]:
-    """The summary; rank 0 also writes it to ``summary.json``."""
+    """The summary; rank 0 also writes it to ``summary.json``. ``validation``: how the starting model and
+    the best adapter are scored again (:func:`sam_medical.training.outcome.run_outcome`)."""
     summary = summary_numbers(
         cfg, st, data, folder, facts, stop_reason=stop_reason, final=final, seconds=seconds
     )
-    summary["device"] = str(device)
+    amp_dtype = validation.amp_dtype
+    summary["device"] = str(validation.device)
     summary["amp"] = str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32"
     summary["world_size"] = dist.world_size
     summary["config"] = cfg.to_dict()
@@ -92,11 +90,8 @@ def write_summary(
         cfg,
         adapter=folder.adapter,
         case_files=[c.path for c in cases],
-        loader=data.val_loader,
-        device=device,
-        amp_dtype=amp_dtype,
+        validation=validation,
         dist=dist,
-        features=features if features.mode == MODE_EMBEDDING else None,
         initial=st.initial_val_dice,
         best=st.best_val_dice,
         best_epoch=st.best_epoch,

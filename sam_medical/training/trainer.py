@@ -47,7 +47,7 @@ from sam_medical.training.distributed import (
     sum_over_ranks,
     wrap_ddp,
 )
-from sam_medical.training.feature_cache import FeatureCache
+from sam_medical.training.feature_cache import MODE_EMBEDDING, FeatureCache
 from sam_medical.training.loaders import build_data
 from sam_medical.training.optim import Optimisation, amp_dtype_for
 from sam_medical.training.prompted_sam import PromptedSam
@@ -62,7 +62,7 @@ from sam_medical.training.state import (
 from sam_medical.training.step import make_loss, train_step
 from sam_medical.training.summary import Facts, write_summary
 from sam_medical.training.trained_model import build_trained_model
-from sam_medical.training.validation import validate
+from sam_medical.training.validation import Validation, validate
 
 STOP_REASON = "stop requested (STOP file, stop event or interrupt)"
 
@@ -189,9 +189,12 @@ class Trainer:
     # --- validation and epoch records -----------------------------------------------------------
     def _validate(self) -> dict[str, float]:
         """Validation Dice per prompt kind and ``mean``; under DDP the ranks' sums are added."""
+        return validate(self.sam, self._validation(self.features), self.dist)
+
+    def _validation(self, features: FeatureCache | None) -> Validation:
+        """The validation items, prompt kinds, device and AMP of this run; ``features`` for the encoder."""
         kinds = self.config.val_kinds()
-        loader = self.data.val_loader
-        return validate(self.sam, loader, kinds, self.device, self.amp_dtype, self.features, self.dist)
+        return Validation(self.data.val_loader, kinds, self.device, self.amp_dtype, features)
 
     def _epoch_record(self, epoch: int, val: dict[str, float], seconds: float) -> dict[str, Any]:
         total, count = self.state.epoch_loss_sum, float(self.state.epoch_loss_count)
@@ -352,9 +355,9 @@ class Trainer:
                 self.folder,
                 Facts(self.total_steps, self.steps_per_epoch, self.trainable_params, self.base_info),
                 dist=self.dist,
-                device=self.device,
-                amp_dtype=self.amp_dtype,
-                features=self.features,
+                # the starting model may share the cache only where it holds what the base encoder computes
+                # (embedding mode: a stem cache's trunk belongs to the trained model)
+                validation=self._validation(self.features if self.features.mode == MODE_EMBEDDING else None),
                 stop_reason=stop_reason,
                 final=final,
                 seconds=seconds,

@@ -27,6 +27,18 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class Validation:
+    """What a validation pass scores and how: the ``loader`` of validation items, the prompt ``kinds``, the
+    ``device``, the autocast dtype (None: fp32) and a feature cache for the frozen encoder (or None)."""
+
+    loader: Any
+    kinds: list[str]
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    features: Any = None
+
+
+@dataclass(frozen=True)
 class ItemDice:
     """The validation Dice of one item (slice x label value) for one prompt kind (NaN: empty target)."""
 
@@ -46,26 +58,20 @@ def _valid_region(batch: dict[str, Any], like: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _batch_dices(
-    sam: Sam,
-    loader: Any,
-    kinds: list[str],
-    device: torch.device,
-    amp_dtype: torch.dtype | None = None,
-    features: Any = None,
-) -> Iterator[tuple[dict[str, Any], str, torch.Tensor]]:
-    """``(batch, kind, per-item Dice (B,))`` for every batch of ``loader`` and every prompt kind (see the
+def _batch_dices(sam: Sam, v: Validation) -> Iterator[tuple[dict[str, Any], str, torch.Tensor]]:
+    """``(batch, kind, per-item Dice (B,))`` for every batch of ``v.loader`` and every prompt kind (see the
     module docstring). The model is in eval mode meanwhile."""
+    device, features = v.device, v.features
     was_training = sam.training
     sam.eval()
     try:
-        for batch in loader:
+        for batch in v.loader:
             image = batch["image"].to(device, non_blocking=True)
             target = batch["target"].to(device)
             valid = _valid_region(batch, target)
-            with autocast(device, amp_dtype):
+            with autocast(device, v.amp_dtype):
                 emb = embed(sam, image, features, batch_keys(batch) if features is not None else None)
-                for kind in kinds:
+                for kind in v.kinds:
                     use_points = "point" in kind
                     low, _ = decode(
                         sam,
@@ -80,40 +86,26 @@ def _batch_dices(
         sam.train(was_training)
 
 
-def dice_sums(
-    sam: Sam,
-    loader: Any,
-    kinds: list[str],
-    device: torch.device,
-    amp_dtype: torch.dtype | None = None,
-    features: Any = None,
-) -> dict[str, tuple[float, int]]:
-    """Sum and count of per-item Dice, per prompt kind, over ``loader`` (deterministic prompts).
+def dice_sums(sam: Sam, v: Validation) -> dict[str, tuple[float, int]]:
+    """Sum and count of per-item Dice, per prompt kind, over ``v.loader`` (deterministic prompts).
 
     Sums rather than means so that DDP ranks can add theirs (MONAI's own ``aggregate`` would gather across
     ranks by itself, which only works when every rank validates). :func:`item_dices` gives the same values
     item by item.
     """
-    sums = {k: [0.0, 0] for k in kinds}
-    for _, kind, per_item in _batch_dices(sam, loader, kinds, device, amp_dtype, features):
+    sums = {k: [0.0, 0] for k in v.kinds}
+    for _, kind, per_item in _batch_dices(sam, v):
         ok = ~torch.isnan(per_item)
         sums[kind][0] += float(per_item[ok].sum())
         sums[kind][1] += int(ok.sum())
-    return {k: (v[0], v[1]) for k, v in sums.items()}
+    return {k: (total, int(n)) for k, (total, n) in sums.items()}
 
 
-def item_dices(
-    sam: Sam,
-    loader: Any,
-    kinds: list[str],
-    device: torch.device,
-    amp_dtype: torch.dtype | None = None,
-    features: Any = None,
-) -> list[ItemDice]:
-    """The Dice of every item of ``loader`` for every prompt kind, item by item (what :func:`dice_sums`
+def item_dices(sam: Sam, v: Validation) -> list[ItemDice]:
+    """The Dice of every item of ``v.loader`` for every prompt kind, item by item (what :func:`dice_sums`
     adds up): per-label means and paired tests before/after training are made from these."""
     out: list[ItemDice] = []
-    for batch, kind, per_item in _batch_dices(sam, loader, kinds, device, amp_dtype, features):
+    for batch, kind, per_item in _batch_dices(sam, v):
         keys = zip(batch["case"], batch["slice_index"].tolist(), batch["label"].tolist(), strict=True)
         for (case, k, label), dice in zip(keys, per_item.tolist(), strict=True):
             out.append(ItemDice(str(case), int(k), int(label), kind, float(dice)))
@@ -127,19 +119,11 @@ def mean_dice(sums: dict[str, tuple[float, int]]) -> dict[str, float]:
     return out
 
 
-def validate(
-    sam: Sam,
-    loader: Any,
-    kinds: list[str],
-    device: torch.device,
-    amp_dtype: torch.dtype | None = None,
-    features: Any = None,
-    dist: DistInfo | None = None,
-) -> dict[str, float]:
-    """Mean Dice per prompt kind over ``loader``, plus ``"mean"``. Under DDP (``dist``) each rank scores
+def validate(sam: Sam, v: Validation, dist: DistInfo | None = None) -> dict[str, float]:
+    """Mean Dice per prompt kind over ``v.loader``, plus ``"mean"``. Under DDP (``dist``) each rank scores
     its share of the items and the sums are added over ranks."""
-    sums = dice_sums(sam, loader, kinds, device, amp_dtype, features)
+    sums = dice_sums(sam, v)
     if dist is not None and dist.distributed:
-        values = sum_over_ranks([x for k in kinds for x in sums[k]], dist, device)
-        sums = {k: (values[2 * i], int(values[2 * i + 1])) for i, k in enumerate(kinds)}
+        values = sum_over_ranks([x for k in v.kinds for x in sums[k]], dist, v.device)
+        sums = {k: (values[2 * i], int(values[2 * i + 1])) for i, k in enumerate(v.kinds)}
     return mean_dice(sums)
