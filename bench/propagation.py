@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sam_medical.inference.predictor import VolumeCache, VolumePredictor
+from sam_medical.inference.caches import VolumeCache
+from sam_medical.inference.predictor import VolumePredictor
 from sam_medical.inference.propagation import PropagationOptions, propagate
 from sam_medical.model.build import build_sam
 from sam_medical.volume.io import image_stem, load_volume
@@ -36,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
 
     sam, info = build_sam(args.model)
     if args.adapter:
-        from sam_medical.adapters.lora import load_adapter, merge_lora
+        from sam_medical.adapters.inject import merge_lora
+        from sam_medical.adapters.save_and_load import load_adapter
 
         load_adapter(sam, args.adapter, base_info=info)
         merge_lora(sam)

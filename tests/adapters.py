@@ -15,7 +15,8 @@ def save_tiny_adapter(
     """
     import torch
 
-    from sam_medical.adapters.lora import inject_lora, save_adapter
+    from sam_medical.adapters.inject import inject_lora
+    from sam_medical.adapters.save_and_load import save_adapter
     from sam_medical.model.build import build_sam
 
     sam, base_info = build_sam("tiny", image_size=256, seed=model_seed)

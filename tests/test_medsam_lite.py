@@ -295,9 +295,9 @@ def test_training_leaves_the_base_weights_bit_identical(tmp_path):
     """Two LoRA + decoder steps on the sample volumes: only adapter and decoder tensors change, and the
     BatchNorm statistics stay frozen (the model trains in eval mode)."""
     from sam_medical.canvas.preprocess import PreprocessOptions, preprocess_cases
-    from sam_medical.volume.dataset_layout import find_cases
     from sam_medical.training.config import TrainConfig
     from sam_medical.training.trainer import Trainer
+    from sam_medical.volume.dataset_layout import find_cases
 
     cases, _, _ = find_cases(REPO / "sample_volumes")
     preprocess_cases(cases[:2], tmp_path / "npz", PreprocessOptions())

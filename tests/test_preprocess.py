@@ -12,10 +12,10 @@ import SimpleITK as sitk
 
 from sam_medical.canvas.geometry import SliceGeometry
 from sam_medical.canvas.preprocess import PreprocessOptions, preprocess_case
-from sam_medical.volume.dataset_layout import find_cases
 from sam_medical.canvas.slice_file import load_npz, read_meta
 from sam_medical.cli.main import main
 from sam_medical.errors import UserInputError
+from sam_medical.volume.dataset_layout import find_cases
 from sam_medical.volume.intensity import resolve_window
 
 LPS = (1, 0, 0, 0, 1, 0, 0, 0, 1)
