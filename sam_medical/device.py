@@ -18,7 +18,7 @@ def resolve_device(name: str, *, local_rank: int | None = None) -> torch.device:
     Raises:
         UserInputError: another name, or CUDA asked for on a machine without it.
     """
-    import torch
+    import torch  # deferred: model/ loads torch only when a model is built (the registry and --help stay light)
 
     name = str(name).strip().lower()
     if name == "auto":

@@ -31,6 +31,8 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage
 
+from sam_medical.errors import UserInputError
+
 PromptKind = Literal["box", "point", "box+point"]
 #: What one prompt is made of: a box, clicks, or both (evaluation, validation, serving).
 PROMPT_KINDS: tuple[str, ...] = ("box", "point", "box+point")
@@ -44,7 +46,6 @@ RENAMED_MODES = {"points": "point", "both": "mixed"}
 def check_prompt_mode(mode: str, option: str = "--prompt", modes: tuple[str, ...] = PROMPT_MODES) -> str:
     """``mode`` if it is one of ``modes``; a :class:`~sam_medical.errors.UserInputError` otherwise,
     naming the new word for an old one (``points`` -> ``point``, ``both`` -> ``mixed``)."""
-    from sam_medical.errors import UserInputError
 
     if mode in modes:
         return mode

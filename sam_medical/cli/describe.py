@@ -21,7 +21,7 @@ TRAINED_FIELDS = ("lora_rank", "lora_alpha", "lora_blocks", "train_decoder")
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     # imported here: the registry and TrainConfig would load at every `sam-medical --help` otherwise
     from sam_medical.model.registry import MODEL_NAMES
-    from sam_medical.training.config import add_arguments
+    from sam_medical.training.config import add_arguments  # deferred: keeps `sam-medical --help` fast
 
     p = subparsers.add_parser(
         "describe",
@@ -49,8 +49,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     # imported here: torch and the model code load only when the command runs, not at `--help`
     from sam_medical.adapters.inject import inject_lora, lora_parameters, set_trainable
-    from sam_medical.model.build import build_sam, count_parameters
-    from sam_medical.model.registry import get_family
+    from sam_medical.model.build import (  # deferred: keeps `sam-medical --help` fast
+        build_sam,
+        count_parameters,
+    )
+    from sam_medical.model.registry import get_family  # deferred: keeps `sam-medical --help` fast
 
     if args.lora_rank < 0:
         raise UserInputError(f"--lora-rank must be 0 or more, got {args.lora_rank}")

@@ -6,7 +6,11 @@ import argparse
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from sam_medical.model.checkpoints import CACHE_ENV, OFFICIAL_CHECKPOINTS, URL_BASE
+    from sam_medical.model.checkpoints import (  # deferred: keeps `sam-medical --help` fast
+        CACHE_ENV,
+        OFFICIAL_CHECKPOINTS,
+        URL_BASE,
+    )
 
     p = subparsers.add_parser(
         "download",
@@ -26,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sam_medical.model.checkpoints import resolve_checkpoint
+    from sam_medical.model.checkpoints import resolve_checkpoint  # deferred: keeps `sam-medical --help` fast
 
     path, _ = resolve_checkpoint(args.model, cache_dir=args.cache_dir, download=True, url_base=args.url_base)
     print(path)

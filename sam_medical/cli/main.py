@@ -16,13 +16,13 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from sam_medical import __version__
 from sam_medical.errors import UserInputError, one_line
 
 COMMANDS = ("make_samples", "preprocess", "describe", "train", "evaluate", "download", "workspace")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sam_medical import __version__
 
     parser = argparse.ArgumentParser(prog="sam-medical", description="Segment Anything for medical volumes.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")

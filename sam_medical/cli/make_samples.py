@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -23,9 +24,8 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import time
 
-    from sam_medical.quickstart.samples import make_samples
+    from sam_medical.quickstart.samples import make_samples  # deferred: keeps `sam-medical --help` fast
 
     start = time.perf_counter()
     paths = make_samples(args.out, args.count, args.seed, verbose=True)

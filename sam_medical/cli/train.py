@@ -56,7 +56,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     # imported here: torch, MONAI and the model code load only when a run starts, not at `--help`
     from sam_medical.training.distributed import DistInfo
-    from sam_medical.training.trainer import train
+    from sam_medical.training.trainer import train  # deferred: keeps `sam-medical --help` fast
 
     config = config_from_args(args)
     config.check()

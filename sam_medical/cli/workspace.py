@@ -29,7 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sam_medical.quickstart.workspace import prepare_workspace
+    from sam_medical.quickstart.workspace import (
+        prepare_workspace,  # deferred: keeps `sam-medical --help` fast
+    )
 
     paths = prepare_workspace(args.root)
     print(paths[args.show])

@@ -35,7 +35,9 @@ ZOOM_MARGIN = 12
 
 def figure_to_data_uri(fig: Figure, dpi: int = 100) -> str:
     """A matplotlib figure as ``data:image/png;base64,...`` (PNG metadata removed)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import (
+        FigureCanvasAgg,  # heavy; loaded only when a report or test is made
+    )
 
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
@@ -51,7 +53,7 @@ def dice_distribution_figure(
     rows: list[dict[str, Any]], labels: Sequence[int], names: dict[int, str] | None = None
 ) -> Figure:
     """Box plot and histogram of the per-slice Dice of each label (present slices)."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # heavy; loaded only when a report or test is made
 
     data = [[r["dice"] for r in rows if r["label"] == v and r["gt_present"]] for v in labels]
     fig = Figure(figsize=(11, 3.8))
@@ -76,7 +78,7 @@ def comparison_scatter_figure(
     rows: list[dict[str, Any]], labels: Sequence[int], names: dict[int, str] | None = None
 ) -> Figure:
     """Per-object baseline Dice (x) against model Dice (y), one colour per label, with the diagonal."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # heavy; loaded only when a report or test is made
 
     fig = Figure(figsize=(5.2, 5))
     ax = fig.subplots()
@@ -137,8 +139,8 @@ def zoom_window(ex: Example) -> tuple[float, float, float, float]:
 
 def _draw_overlay(ax: Any, ex: Example, window: tuple[float, float, float, float] | None) -> list:
     """Draw image, contours and prompt on ``ax`` (whole slice, or ``window``); return legend handles."""
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Rectangle
+    from matplotlib.lines import Line2D  # heavy; loaded only when a report or test is made
+    from matplotlib.patches import Rectangle  # heavy; loaded only when a report or test is made
 
     ax.imshow(ex.image, cmap="gray", vmin=0, vmax=255, aspect=ex.aspect, interpolation="nearest")
     handles = [
@@ -200,7 +202,7 @@ def overlay_figure(ex: Example) -> Figure:
     """The slice with ground truth (green), prediction (red), baseline (yellow, dashed) and prompt (blue;
     background clicks orange): the whole slice on the left, a zoom on the object on the right. At the
     report's 100 dpi each panel is at least :data:`MIN_OVERLAY_PX` pixels."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # heavy; loaded only when a report or test is made
 
     # each panel's shorter side gets MIN_OVERLAY_PX pixels (and some room) at 100 dpi, whatever the shape
     ratio = min(4.0, max(0.25, ex.image.shape[0] * ex.aspect / ex.image.shape[1]))  # displayed height / width

@@ -24,7 +24,7 @@ from sam_medical.metrics import TIE_TOLERANCE, paired_comparison
 
 def describe(values: Iterable[float]) -> dict[str, Any]:
     """n, mean, median, sample sd (ddof=1), min, max, and the t-based 95% CI of the mean (NaN/None dropped)."""
-    from scipy import stats
+    from scipy import stats  # heavy; loaded only when a report or test is made
 
     v = np.asarray([x for x in values if x is not None and math.isfinite(x)], np.float64)
     n = int(v.size)

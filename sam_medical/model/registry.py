@@ -16,6 +16,7 @@ Sizes, for an input of ``S`` pixels (the canvas is always 256, see :mod:`sam_med
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 from sam_medical.errors import UserInputError
@@ -240,7 +241,6 @@ def family_of(sam: object) -> ModelFamily:
 
 def load_callable(spec: str):
     """Import ``"module:function"`` and return the function."""
-    import importlib
 
     module, _, attr = spec.partition(":")
     return getattr(importlib.import_module(module), attr)

@@ -88,8 +88,14 @@ def construct_sam(arch: dict[str, Any], image_size: int) -> Sam:
     The same construction as ``segment_anything.build_sam._build_sam``, with the input size and the
     prompt/decoder widths as parameters.
     """
-    import torch
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+    import torch  # deferred: model/ loads torch only when a model is built (the registry and --help stay light)
+    from segment_anything.modeling import (  # deferred: model/ loads torch only when a model is built (the registry and --help stay light)
+        ImageEncoderViT,
+        MaskDecoder,
+        PromptEncoder,
+        Sam,
+        TwoWayTransformer,
+    )
 
     embedding_size = image_size // PATCH_SIZE
     dim = arch["prompt_embed_dim"]
@@ -134,7 +140,7 @@ def construct_sam(arch: dict[str, Any], image_size: int) -> Sam:
 def construct_vit_family(name: str, image_size: int) -> Sam:
     """The registry's builder for the ViT families: random weights (ViT convention for the position
     embedding, which ``segment_anything`` leaves at zero)."""
-    import torch
+    import torch  # deferred: model/ loads torch only when a model is built (the registry and --help stay light)
 
     sam = construct_sam(ARCHITECTURES[name], image_size)
     torch.nn.init.trunc_normal_(sam.image_encoder.pos_embed, std=0.02)
@@ -143,7 +149,9 @@ def construct_vit_family(name: str, image_size: int) -> Sam:
 
 def vit_lora_targets(sam: Sam) -> list[LoRATarget]:
     """Every encoder block's attention: its fused ``qkv`` is ``dim -> 3*dim`` with q, k, v in thirds."""
-    from sam_medical.adapters.layer import LoRATarget
+    from sam_medical.adapters.layer import (
+        LoRATarget,  # deferred: model/ loads torch only when a model is built (the registry and --help stay light)
+    )
 
     targets = []
     for block in sam.image_encoder.blocks:
@@ -161,7 +169,7 @@ def resize_pos_embed(pos_embed: torch.Tensor, size: int) -> torch.Tensor:
     Antialiased when shrinking (1024 -> 256 input: 64x64 -> 16x16), so that each new position averages
     the old ones it covers instead of sampling a few.
     """
-    import torch.nn.functional as F
+    import torch.nn.functional as F  # deferred: model/ loads torch only when a model is built (the registry and --help stay light)
 
     grid = pos_embed.detach().float().permute(0, 3, 1, 2)  # (1, C, a, a)
     out = F.interpolate(
@@ -175,7 +183,7 @@ def resize_rel_pos(table: torch.Tensor, length: int) -> torch.Tensor:
 
     The same interpolation as ``segment_anything.modeling.image_encoder.get_rel_pos``.
     """
-    import torch.nn.functional as F
+    import torch.nn.functional as F  # deferred: model/ loads torch only when a model is built (the registry and --help stay light)
 
     t = table.detach().float().t().unsqueeze(0)  # (1, head_dim, L)
     out = F.interpolate(t, size=length, mode="linear", align_corners=False)

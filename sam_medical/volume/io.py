@@ -8,7 +8,10 @@ direction) is kept so that results can be written back with exactly the input's 
 
 from __future__ import annotations
 
+import gzip
 import os
+import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,7 +106,7 @@ def _read(path: str | os.PathLike, what: str) -> tuple[np.ndarray, tuple, tuple,
     ``.nii.gz``, so the size of integer NIfTI files read by SimpleITK is checked (:func:`_check_nifti_size`).
     Other formats (``.nrrd``, ``.mha``...) are read with SimpleITK.
     """
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # deferred: SimpleITK/nibabel load only when a volume is read
 
     p = _check_file(path, what)
     reader, geometry = _read_header(p, what)
@@ -116,7 +119,7 @@ def _read(path: str | os.PathLike, what: str) -> tuple[np.ndarray, tuple, tuple,
     is_nifti = p.name.lower().endswith((".nii", ".nii.gz"))
     is_float = reader.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64)
     if is_nifti and is_float:
-        import nibabel as nib
+        import nibabel as nib  # deferred: SimpleITK/nibabel load only when a volume is read
 
         try:
             arr = np.asanyarray(nib.load(str(p)).dataobj)
@@ -160,7 +163,7 @@ def _read_header(p: Path, what: str) -> tuple[Any, Geometry]:
     Raises:
         UserInputError: unreadable, not scalar, not 3D (a 4D file with one volume counts as 3D).
     """
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # deferred: SimpleITK/nibabel load only when a volume is read
 
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(p))
@@ -201,7 +204,7 @@ def read_geometry(path: str | os.PathLike, *, what: str = "image") -> Geometry:
 
 def _pixel_itemsize(pixel_id: int) -> int:
     """Bytes per voxel of a scalar SimpleITK pixel type (1 when unknown: never a false 'truncated')."""
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # deferred: SimpleITK/nibabel load only when a volume is read
 
     sizes = {
         sitk.sitkUInt8: 1,
@@ -224,9 +227,6 @@ def _check_nifti_size(p: Path, what: str, data_bytes: int) -> None:
     ``.nii``: the file size. ``.nii.gz``: the gzip trailer holds the uncompressed size (mod 2**32); only
     when it disagrees (a cut file, or a multi-member gzip) is the stream decompressed to be sure.
     """
-    import gzip
-    import struct
-    import zlib
 
     gz = p.name.lower().endswith(".gz")
     try:
@@ -333,7 +333,7 @@ def load_label(path: str | os.PathLike, image: Volume | None = None) -> Volume:
 
 def write_volume(array_ijk: np.ndarray, reference: Volume, path: str | os.PathLike) -> Path:
     """Write ``array_ijk`` (shape ``reference.shape``) with the reference's exact geometry, atomically."""
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # deferred: SimpleITK/nibabel load only when a volume is read
 
     if tuple(array_ijk.shape) != reference.shape:
         raise ValueError(f"array shape {array_ijk.shape} != reference shape {reference.shape}")

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sam_medical.atomic import write_json_atomic
+from sam_medical.canvas.slice_file import load_npz
 from sam_medical.errors import UserInputError
 
 LABELS_FILE = "labels.json"
@@ -267,7 +268,6 @@ def npz_label_names(arrays: Mapping[str, Any]) -> dict[int, str]:
 
 def files_label_names(files: Sequence[str | os.PathLike]) -> dict[int, str]:
     """One ``{value: name}`` for a set of ``.npz`` slice files (see :func:`merge_value_names`)."""
-    from sam_medical.canvas.slice_file import load_npz
 
     return merge_value_names(
         [
