@@ -24,6 +24,7 @@ import numpy as np
 from sam_medical.inference.caches import VolumeCache
 from sam_medical.inference.predictor import VolumePredictor
 from sam_medical.inference.propagation import PropagationOptions, propagate
+from sam_medical.metrics import dice
 from sam_medical.model.build import build_sam
 from sam_medical.volume.io import image_stem, load_volume
 
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         scores = []
         for _, _, key, vol, obj, k, box in objects:
             out, _ = propagate(predictor, key, vol, k, None, None, box, options=opts)
-            scores.append(float(2 * ((out > 0) & obj).sum() / ((out > 0).sum() + obj.sum())))
+            scores.append(dice(out > 0, obj))
         results.append(
             {
                 "bench": "propagation",

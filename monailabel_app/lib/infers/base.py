@@ -135,6 +135,12 @@ def parse_int(value: Any, name: str) -> int:
         raise UserInputError(f"{name} must be an integer, got {value!r}") from None
 
 
+def task_description(served: ServedModel, what: str) -> str:
+    """``/info/``'s description of a task: the served model, ``what`` the task does, and its weights note."""
+    note = served.weights_note()
+    return f"{served.model_line()}, {what}" + (f". {note}" if note else "")
+
+
 class SamInferTask(InferTask):
     """Base of the SAM infer tasks: request checks, loading (cached), answer file, timings, errors."""
 

@@ -21,7 +21,7 @@ from sam_medical.inference.volume_slices import check_slice_index, neighbours
 from sam_medical.volume.io import Volume
 
 from ..served_model import ServedModel
-from .base import SamInferTask, parse_int, parse_points, parse_roi
+from .base import SamInferTask, parse_int, parse_points, parse_roi, task_description
 
 
 def prompt_for_slice(
@@ -66,10 +66,8 @@ class Sam2D(SamInferTask):
         super().__init__(
             served,
             dimension=2,
-            description=(
-                f"{served.model_line()}, LoRA-adaptable; one slice per click: "
-                "foreground/background points and/or an ROI box"
-                + (f". {served.weights_note()}" if served.weights_note() else "")
+            description=task_description(
+                served, "LoRA-adaptable; one slice per click: foreground/background points and/or an ROI box"
             ),
             config={},
         )

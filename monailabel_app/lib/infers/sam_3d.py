@@ -21,7 +21,7 @@ from sam_medical.inference.propagation import PropagationOptions, propagate
 from sam_medical.volume.io import Volume
 
 from ..served_model import ServedModel
-from .base import SamInferTask, parse_int
+from .base import SamInferTask, parse_int, task_description
 from .sam_2d import prompt_for_slice
 
 
@@ -32,9 +32,8 @@ class Sam3D(SamInferTask):
         super().__init__(
             served,
             dimension=3,
-            description=(
-                f"{served.model_line()}, in 3D: a prompt on one slice, propagated slice by "
-                "slice up and down" + (f". {served.weights_note()}" if served.weights_note() else "")
+            description=task_description(
+                served, "in 3D: a prompt on one slice, propagated slice by slice up and down"
             ),
             config={"max_slices": 0, "min_iou": 0.0},
         )
