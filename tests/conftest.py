@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """``$SAM_MEDICAL_CACHE`` in a session folder: exports and downloads made by tests never land in (or
+    are read from) the user's ``~/.cache/sam_medical``. A test that sets it itself still wins."""
+    old = os.environ.get("SAM_MEDICAL_CACHE")
+    os.environ["SAM_MEDICAL_CACHE"] = str(tmp_path_factory.mktemp("sam_medical_cache"))
+    yield
+    if old is None:
+        os.environ.pop("SAM_MEDICAL_CACHE", None)
+    else:
+        os.environ["SAM_MEDICAL_CACHE"] = old
 
 
 @pytest.fixture
