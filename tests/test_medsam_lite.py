@@ -192,6 +192,7 @@ def test_lora_count_and_describe_command():
             "medsam_lite",
             "--lora-rank",
             "4",
+            "--no-train-decoder",  # LoRA alone (the default recipe also trains the mask decoder)
         ],
         capture_output=True,
         text=True,
