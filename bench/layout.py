@@ -35,12 +35,14 @@ def predict(sam, emb, box, point, transposed: bool) -> tuple[np.ndarray, np.ndar
         box = box[[1, 0, 3, 2]]
         point = point[::-1]
     with torch.inference_mode():
-        low_b, _ = sf.decode(sam, emb, boxes=torch.tensor(box[None], dtype=torch.float32))
+        low_b, _ = sf.decode(sam, emb, sf.PromptBatch(boxes=torch.tensor(box[None], dtype=torch.float32)))
         low_p, _ = sf.decode(
             sam,
             emb,
-            points=torch.tensor(np.array(point, np.float32)[None, None]),
-            point_labels=torch.ones(1, 1, dtype=torch.int64),
+            sf.PromptBatch(
+                points=torch.tensor(np.array(point, np.float32)[None, None]),
+                point_labels=torch.ones(1, 1, dtype=torch.int64),
+            ),
         )
     out = []
     for low in (low_b, low_p):

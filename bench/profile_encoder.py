@@ -103,6 +103,7 @@ def main() -> None:
 
     from sam_medical.inference.runtime import build_engine
     from sam_medical.model.build import build_sam
+    from sam_medical.model.forward import PromptBatch
 
     sam, info = build_sam("medsam_lite")
     x, box = sample_input(sam)
@@ -138,7 +139,7 @@ def main() -> None:
                 for rt in runtimes:
                     engine = engines[(rt, t)]
                     timed(f"rt:{rt}:encoder", t, engine.encode, x)
-                    timed(f"rt:{rt}:decoder", t, lambda e=engine: e.decode(emb, boxes=box))
+                    timed(f"rt:{rt}:decoder", t, lambda e=engine: e.decode(emb, PromptBatch(boxes=box)))
             if rep == 0:
                 times.clear()
     out = {

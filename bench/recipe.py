@@ -102,7 +102,7 @@ def _mask(sam, emb, points=None, labels=None, box=None) -> np.ndarray:
         kw["point_labels"] = torch.tensor(np.asarray(labels, np.int64)[None])
     if box is not None:
         kw["boxes"] = torch.tensor(np.asarray(box, np.float32)[None])
-    low, _ = sf.decode(sam, emb, **kw)
+    low, _ = sf.decode(sam, emb, sf.PromptBatch(**kw))
     return (sf.logits_to_canvas(low.float())[0, 0] > 0).numpy()
 
 

@@ -92,9 +92,9 @@ def make_engine(name: str, sam, info: dict, work: Path, threads: int):
 
 def decode_mask(engine, emb: torch.Tensor, kwargs: dict, multimask: bool) -> np.ndarray:
     from sam_medical.inference.decoding import choose_mask
-    from sam_medical.model.forward import logits_to_canvas
+    from sam_medical.model.forward import PromptBatch, logits_to_canvas
 
-    low, iou = engine.decode(emb, **kwargs, multimask_output=multimask)
+    low, iou = engine.decode(emb, PromptBatch(**kwargs, multimask_output=multimask))
     low, _ = choose_mask(low.float(), iou)  # the best of three by predicted IoU, as served
     return (logits_to_canvas(low)[0, 0] > 0).cpu().numpy()
 

@@ -54,7 +54,10 @@ class _Recorder:
     def __init__(self) -> None:
         self.calls: list[tuple[tuple[str, ...], int, bool]] = []
 
-    def decode(self, embedding, *, multimask_output=False, **kwargs):
+    def decode(self, embedding, prompts):
+        multimask_output = prompts.multimask_output
+        names = ("points", "point_labels", "boxes", "mask_inputs")
+        kwargs = {k: getattr(prompts, k) for k in names if getattr(prompts, k) is not None}
         p = next(iter(kwargs.values())).shape[0]
         self.calls.append((tuple(sorted(kwargs)), p, multimask_output))
         m = 3 if multimask_output else 1
@@ -118,7 +121,7 @@ def test_decode_prompts_equals_engine_decode_on_the_tiny_model(tiny_sam, canvase
             kw["boxes"] = torch.tensor(p.box[None], dtype=torch.float32)
         if p.mask_input is not None:
             kw["mask_inputs"] = p.mask_input
-        low, iou = engine.decode(emb, **kw, multimask_output=d.multimask)
+        low, iou = engine.decode(emb, sf.PromptBatch(**kw, multimask_output=d.multimask))
         best = int(iou[0].argmax())
         assert torch.allclose(d.low_res_logits, low[:, best : best + 1], atol=1e-5)
         assert d.iou == pytest.approx(float(iou[0, best]), abs=1e-5)

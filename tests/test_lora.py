@@ -33,7 +33,7 @@ def _logits(sam, canvases, boxes=None) -> torch.Tensor:
     if boxes is None:
         boxes = torch.tensor([[80.0, 60.0, 160.0, 140.0], [30.0, 60.0, 90.0, 140.0]])
     emb = sf.encode(sam, sf.canvas_to_input(sam, canvases))
-    return sf.decode(sam, emb, boxes=boxes)[0]
+    return sf.decode(sam, emb, sf.PromptBatch(boxes=boxes))[0]
 
 
 def _train_steps(sam, canvases, steps: int = 3) -> None:

@@ -207,7 +207,7 @@ def test_lora_count_and_describe_command():
 def _outputs(sam, canvas):
     with torch.inference_mode():
         emb = sf.encode(sam, sf.canvas_to_input(sam, canvas))
-        low, iou = sf.decode(sam, emb, boxes=torch.tensor([[60.0, 70.0, 180.0, 200.0]]))
+        low, iou = sf.decode(sam, emb, sf.PromptBatch(boxes=torch.tensor([[60.0, 70.0, 180.0, 200.0]])))
     return emb, low, iou
 
 

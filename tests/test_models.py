@@ -229,7 +229,9 @@ def test_decode_matches_segment_anything_forward(size, canvases):
         assert emb.shape == (2, 128, size // 16, size // 16)
         for multimask in (False, True):
             ours, iou = sf.decode(
-                sam, emb, points=points, point_labels=labels, boxes=boxes, multimask_output=multimask
+                sam,
+                emb,
+                sf.PromptBatch(points=points, point_labels=labels, boxes=boxes, multimask_output=multimask),
             )
             m = 3 if multimask else 1
             assert ours.shape == (2, m, size // 4, size // 4) and iou.shape == (2, m)
@@ -268,16 +270,18 @@ def test_decode_and_decode_many_agree(tiny_sam, canvases):
         ]
         for kw in prompt_sets:
             for i in range(2):  # image i, P prompt sets: decode_many vs decode on a repeated embedding
-                many, many_iou = sf.decode_many(sam, emb[i : i + 1], **kw)
-                one, one_iou = sf.decode(sam, emb[i : i + 1].expand(p, -1, -1, -1), **kw)
+                many, many_iou = sf.decode_many(sam, emb[i : i + 1], sf.PromptBatch(**kw))
+                one, one_iou = sf.decode(sam, emb[i : i + 1].expand(p, -1, -1, -1), sf.PromptBatch(**kw))
                 assert many.shape == one.shape == (p, 3 if kw.get("multimask_output") else 1, 64, 64)
                 assert (many - one).abs().max() <= 1e-5 and (many_iou - one_iou).abs().max() <= 1e-5
         # mixed batch: decode pairs prompt b with image b
-        both, _ = sf.decode(sam, emb, boxes=boxes[:2])
-        first, _ = sf.decode_many(sam, emb[0], boxes=boxes[:1])
-        second, _ = sf.decode_many(sam, emb[1], boxes=boxes[1:2])
+        both, _ = sf.decode(sam, emb, sf.PromptBatch(boxes=boxes[:2]))
+        first, _ = sf.decode_many(sam, emb[0], sf.PromptBatch(boxes=boxes[:1]))
+        second, _ = sf.decode_many(sam, emb[1], sf.PromptBatch(boxes=boxes[1:2]))
         assert torch.allclose(both, torch.cat([first, second]), atol=1e-5)
-        assert not torch.allclose(first, sf.decode_many(sam, emb[1], boxes=boxes[:1])[0], atol=1e-3)
+        assert not torch.allclose(
+            first, sf.decode_many(sam, emb[1], sf.PromptBatch(boxes=boxes[:1]))[0], atol=1e-3
+        )
         # no prompt at all still gives one mask per image
         bare, _ = sf.decode(sam, emb)
         assert bare.shape == (2, 1, 64, 64)

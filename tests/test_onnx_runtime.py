@@ -51,8 +51,9 @@ def test_export_round_trip_agrees_with_torch(exported, canvases):
     assert got.shape == ref.shape and got.shape[0] == 3
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     for name, kwargs, multimask in PROMPTS:
-        ref_low, ref_iou = torch_engine.decode(ref[1:2], **kwargs, multimask_output=multimask)
-        low, iou = engine.decode(ref[1:2], **kwargs, multimask_output=multimask)
+        batch = sf.PromptBatch(**kwargs, multimask_output=multimask)
+        ref_low, ref_iou = torch_engine.decode(ref[1:2], batch)
+        low, iou = engine.decode(ref[1:2], batch)
         assert low.shape == ref_low.shape and iou.shape == ref_iou.shape, name
         torch.testing.assert_close(low, ref_low, atol=1e-4, rtol=1e-4)
         assert dice(low > 0, ref_low > 0) >= 0.999, name
@@ -62,14 +63,18 @@ def test_export_round_trip_agrees_with_torch(exported, canvases):
 def test_prompts_are_decoded_at_their_true_length():
     box = torch.tensor([[10.0, 20.0, 30.0, 40.0]])
     pts, lab = torch.tensor([[[5.0, 6.0], [7.0, 8.0]]]), torch.tensor([[1, 0]])
-    coords, labels = onnx_engine.onnx_prompts(None, None, box, 1.0)
+    coords, labels = onnx_engine.onnx_prompts(sf.PromptBatch(boxes=box), 1.0)
     assert coords.tolist() == [[[10, 20], [30, 40]]] and labels.tolist() == [[2, 3]]
-    coords, labels = onnx_engine.onnx_prompts(pts, lab, None, 4.0)  # no box: SAM's one padding point
+    coords, labels = onnx_engine.onnx_prompts(
+        sf.PromptBatch(points=pts, point_labels=lab), 4.0
+    )  # no box: SAM's one padding point
     assert coords.tolist() == [[[20, 24], [28, 32], [0, 0]]] and labels.tolist() == [[1, 0, -1]]
-    coords, labels = onnx_engine.onnx_prompts(pts, lab, box, 1.0)  # with a box: no padding at all
+    coords, labels = onnx_engine.onnx_prompts(
+        sf.PromptBatch(points=pts, point_labels=lab, boxes=box), 1.0
+    )  # with a box: no padding at all
     assert labels.tolist() == [[1, 0, 2, 3]] and coords.shape == (1, 4, 2)
     with pytest.raises(ValueError, match="points or a box"):
-        onnx_engine.onnx_prompts(None, None, None, 1.0)
+        onnx_engine.onnx_prompts(sf.PromptBatch(), 1.0)
 
 
 def test_a_second_load_reuses_the_cache(exported, monkeypatch):

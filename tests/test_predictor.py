@@ -123,16 +123,8 @@ def _disc_decoder(recorded: list):
     """A stand-in for ``sam_forward.decode_many``: logits positive in a disc of radius 3 canvas pixels
     around the first point (or the box centre), so the whole mapping back to voxels can be checked."""
 
-    def fake(
-        sam,
-        embedding,
-        *,
-        points=None,
-        point_labels=None,
-        boxes=None,
-        mask_inputs=None,
-        multimask_output=False,
-    ):
+    def fake(sam, embedding, prompts):
+        points, point_labels, boxes = prompts.points, prompts.point_labels, prompts.boxes
         recorded.append({"points": points, "labels": point_labels, "boxes": boxes})
         size = sam_forward.input_size(sam) // 4
         if points is not None:

@@ -334,7 +334,7 @@ def test_cli_runs_one_case_without_validation_split(tmp_path: Path, capsys):
 
 
 def test_decode_grouped_matches_item_by_item_decoding():
-    from sam_medical.model.forward import canvas_to_input, decode, encode
+    from sam_medical.model.forward import PromptBatch, canvas_to_input, decode, encode
     from sam_medical.training.prompted_sam import decode_grouped
 
     sam, _ = build_sam("tiny", random_weights=True, seed=0)
@@ -353,13 +353,17 @@ def test_decode_grouped_matches_item_by_item_decoding():
             ref, _ = decode(
                 sam,
                 emb[i : i + 1],
-                points=points[i : i + 1, :n] if n else None,
-                point_labels=labels[i : i + 1, :n] if n else None,
-                boxes=box[i : i + 1] if has_box[i] else None,
+                PromptBatch(
+                    points=points[i : i + 1, :n] if n else None,
+                    point_labels=labels[i : i + 1, :n] if n else None,
+                    boxes=box[i : i + 1] if has_box[i] else None,
+                ),
             )
             torch.testing.assert_close(out[i : i + 1], ref)
         # why the padding is cut: an extra "not a point" token changes SAM's answer
-        padded, _ = decode(sam, emb[:1], points=points[:1], point_labels=labels[:1], boxes=box[:1])
+        padded, _ = decode(
+            sam, emb[:1], PromptBatch(points=points[:1], point_labels=labels[:1], boxes=box[:1])
+        )
         assert not torch.allclose(padded, out[:1])
         with pytest.raises(ValueError, match="box or at least one click"):
             decode_grouped(sam, emb[:1], points[:1], labels[1:2], box[:1], torch.tensor([False]))

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from sam_medical.errors import UserInputError
-from sam_medical.model.forward import CANVAS_SIZE, logits_to_canvas
+from sam_medical.model.forward import CANVAS_SIZE, PromptBatch, logits_to_canvas
 
 if TYPE_CHECKING:
     from sam_medical.inference.engines import Engine
@@ -116,25 +116,26 @@ def choose_mask(low_res: torch.Tensor, iou: torch.Tensor) -> tuple[torch.Tensor,
     return low_res[rows, best].unsqueeze(1), iou[rows, best]
 
 
-def _decode_kwargs(prompts: Sequence[CanvasPrompt]) -> dict[str, torch.Tensor]:
-    """Stack prompts of one shape into ``Engine.decode``'s ``points (P, N, 2)``, ``point_labels (P, N)``,
-    ``boxes (P, 4)`` and ``mask_inputs (P, 1, L, L)``."""
+def stack_prompts(prompts: Sequence[CanvasPrompt], multimask_output: bool) -> PromptBatch:
+    """Prompts of one shape (the same parts, the same number of points) -> one ``Engine.decode``
+    :class:`~sam_medical.model.forward.PromptBatch`: ``points (P, N, 2)`` float32 and ``point_labels (P, N)``
+    int64, ``boxes (P, 4)`` float32, ``mask_inputs (P, 1, L, L)`` float32, all on the CPU, canvas pixels."""
     first = prompts[0]
-    kwargs: dict[str, torch.Tensor] = {}
+    parts: dict[str, torch.Tensor] = {}
     if first.points is not None:
         points = np.stack([np.asarray(p.points, np.float32).reshape(-1, 2) for p in prompts])
         labels = np.stack([np.asarray(p.point_labels, np.int64).reshape(-1) for p in prompts])
         if labels.shape != points.shape[:2]:
             raise ValueError(f"point_labels {labels.shape[1:]} do not match points {points.shape[1:]}")
-        kwargs["points"] = torch.from_numpy(points)
-        kwargs["point_labels"] = torch.from_numpy(labels)
+        parts["points"] = torch.from_numpy(points)
+        parts["point_labels"] = torch.from_numpy(labels)
     if first.box is not None:
-        kwargs["boxes"] = torch.from_numpy(
+        parts["boxes"] = torch.from_numpy(
             np.stack([np.asarray(p.box, np.float32).reshape(4) for p in prompts])
         )
     if first.mask_input is not None:
-        kwargs["mask_inputs"] = torch.cat([p.mask_input.float().cpu() for p in prompts])
-    return kwargs
+        parts["mask_inputs"] = torch.cat([p.mask_input.float().cpu() for p in prompts])
+    return PromptBatch(**parts, multimask_output=multimask_output)
 
 
 def decode_direct(
@@ -152,8 +153,7 @@ def decode_direct(
         for (_, _, _, multi), idx in groups.items():
             for start in range(0, len(idx), step):
                 chunk = idx[start : start + step]
-                kwargs = _decode_kwargs([prompts[i] for i in chunk])
-                low, iou = engine.decode(embedding, **kwargs, multimask_output=multi)
+                low, iou = engine.decode(embedding, stack_prompts([prompts[i] for i in chunk], multi))
                 low, iou = choose_mask(low.float().cpu(), iou.float().cpu())
                 for row, i in enumerate(chunk):
                     out[i] = Decoded(low[row : row + 1].clone(), float(iou[row]), multi, DIRECT)

@@ -5,10 +5,10 @@ itself and asks an engine for two things only:
 
 * ``encode(images (B, 3, S, S) float) -> embeddings (B, C, h, w) float32``: the model input made by
   :func:`sam_medical.model.forward.canvas_to_input`;
-* ``decode(embedding (1, C, h, w), points=(P, N, 2), point_labels=(P, N), boxes=(P, 4),
-  mask_inputs=(P, 1, L, L), multimask_output) -> (low_res_logits (P, M, L, L), iou (P, M))``, prompts
-  in canvas pixels exactly as :func:`sam_medical.model.forward.decode_many` takes them (``M`` is 1, or 3
-  with ``multimask_output``).
+* ``decode(embedding (1, C, h, w), prompts) -> (low_res_logits (P, M, L, L), iou (P, M))`` float32 on the
+  CPU: ``prompts`` a :class:`~sam_medical.model.forward.PromptBatch` of ``P`` prompt sets in canvas pixels,
+  exactly as :func:`sam_medical.model.forward.decode_many` takes it (``M`` is 1, or 3 with its
+  ``multimask_output``).
 
 Engines (the ``runtime`` option):
 
@@ -32,6 +32,7 @@ import torch
 
 from sam_medical.errors import UserInputError
 from sam_medical.model import forward as sf
+from sam_medical.model.forward import PromptBatch
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
@@ -54,16 +55,7 @@ class Engine(Protocol):
 
     def encode(self, images: torch.Tensor) -> torch.Tensor: ...
 
-    def decode(
-        self,
-        embedding: torch.Tensor,
-        *,
-        points: torch.Tensor | None = None,
-        point_labels: torch.Tensor | None = None,
-        boxes: torch.Tensor | None = None,
-        mask_inputs: torch.Tensor | None = None,
-        multimask_output: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def decode(self, embedding: torch.Tensor, prompts: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def describe(self) -> dict[str, Any]: ...
 
@@ -165,28 +157,13 @@ class TorchEngine:
         with torch.inference_mode(), self._autocast():
             return sf.encode(self.sam, images.to(self.device)).float()
 
-    def decode(
-        self,
-        embedding: torch.Tensor,
-        *,
-        points: torch.Tensor | None = None,
-        point_labels: torch.Tensor | None = None,
-        boxes: torch.Tensor | None = None,
-        mask_inputs: torch.Tensor | None = None,
-        multimask_output: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """:func:`sam_medical.model.forward.decode_many` (see the module docstring for the shapes)."""
+    def decode(self, embedding: torch.Tensor, prompts: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`sam_medical.model.forward.decode_many` on the model's device: ``embedding (1, C, h, w)``
+        and the prompts may be on any device (prompts are usually built on the CPU); returns
+        ``(P, M, L, L)`` logits and ``(P, M)`` IoU as float32 CPU tensors, whatever the device and precision."""
         with torch.inference_mode(), self._autocast():
-            low, iou = sf.decode_many(
-                self.sam,
-                embedding,
-                points=points,
-                point_labels=point_labels,
-                boxes=boxes,
-                mask_inputs=mask_inputs,
-                multimask_output=multimask_output,
-            )
-        return low.float(), iou.float()
+            low, iou = sf.decode_many(self.sam, embedding.to(self.device), prompts)
+        return low.float().cpu(), iou.float().cpu()
 
     def describe(self) -> dict[str, Any]:
         return {

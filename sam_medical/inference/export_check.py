@@ -94,11 +94,12 @@ def verify_engine(engine: Any, sam: Sam) -> dict[str, Any]:
         for b in range(len(images)):
             ref_e, got_e = ref_emb[b : b + 1], got_emb[b : b + 1]
             prompts = verification_prompts()
-            box_logits, _ = sf.decode_many(sam, ref_e, **prompts[0][1])
+            box_logits, _ = sf.decode_many(sam, ref_e, sf.PromptBatch(**prompts[0][1]))
             prompts.append(("box_mask_input", {**prompts[0][1], "mask_inputs": box_logits}, False))
             for name, kwargs, multimask in prompts:
-                ref, _ = sf.decode_many(sam, ref_e, **kwargs, multimask_output=multimask)
-                got, _ = engine.decode(got_e, **kwargs, multimask_output=multimask)
+                batch = sf.PromptBatch(**kwargs, multimask_output=multimask)
+                ref, _ = sf.decode_many(sam, ref_e, batch)
+                got, _ = engine.decode(got_e, batch)
                 ref, got = ref.float().cpu(), got.float().cpu()
                 logits_abs = max(logits_abs, float((ref - got).abs().max()))
                 for p in range(ref.shape[0]):
@@ -127,6 +128,8 @@ def warm_up(engine: Any, sam: Sam) -> None:
     """One encode and decode (first-run allocations now, not at the first click); outputs must be finite."""
     images = sf.canvas_to_input(sam, verification_canvases()[:1])
     emb = engine.encode(images)
-    low, iou = engine.decode(emb, points=torch.tensor([[[128.0, 128.0]]]), point_labels=torch.tensor([[1]]))
+    low, iou = engine.decode(
+        emb, sf.PromptBatch(points=torch.tensor([[[128.0, 128.0]]]), point_labels=torch.tensor([[1]]))
+    )
     if not (torch.isfinite(emb).all() and torch.isfinite(low).all() and torch.isfinite(iou).all()):
         raise ExportError("the cached export gives NaN or infinite outputs")

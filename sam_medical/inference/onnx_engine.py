@@ -1,7 +1,8 @@
 """An exported model (:mod:`sam_medical.inference.onnx_export`) run on the CPU by ONNX Runtime, or with an
 OpenVINO encoder: :class:`OnnxEngine`, an :class:`~sam_medical.inference.engines.Engine`.
 
-Prompts arrive in canvas pixels as :func:`sam_medical.model.forward.decode_many` takes them and are turned
+Prompts arrive in canvas pixels as :func:`sam_medical.model.forward.decode_many` takes them (a
+:class:`~sam_medical.model.forward.PromptBatch`) and are turned
 into SAM's ONNX convention by :func:`onnx_prompts`: points, then the box corners (labels 2 and 3), or SAM's
 single padding point when there is no box -- exactly what ``PromptEncoder`` builds, at their true length.
 (Each *extra* -1 point still takes part in attention and changes the mask, so prompts are never padded to
@@ -25,39 +26,30 @@ import torch
 
 from sam_medical.inference.onnx_export import DECODER_FILE, ENCODER_FILE
 from sam_medical.model import forward as sf
+from sam_medical.model.forward import PromptBatch
 
 #: Backends an export can be run with (``openvino``: OpenVINO encoder, ONNX Runtime decoder).
 BACKENDS = ("onnx", "openvino")
 
 
-def onnx_prompts(
-    points: torch.Tensor | None,
-    point_labels: torch.Tensor | None,
-    boxes: torch.Tensor | None,
-    factor: float,
-) -> tuple[np.ndarray, np.ndarray]:
+def onnx_prompts(prompts: PromptBatch, factor: float) -> tuple[np.ndarray, np.ndarray]:
     """Canvas prompts -> ``point_coords (P, N, 2)`` and ``point_labels (P, N)`` float32, model pixels.
 
     Points first, then the box corners (labels 2 and 3), or one padding point ``(0, 0)`` with label -1
     when there is no box: the tokens ``PromptEncoder`` makes, in its order, at their true length.
 
     Raises:
-        ValueError: no points and no box, or mismatching shapes.
+        ValueError: no points and no box, or boxes for another number of prompt sets than the points.
     """
     coords, labels = [], []
     count = None
-    if points is not None:
-        if point_labels is None:
-            raise ValueError("points need point_labels")
-        if points.ndim != 3 or points.shape[-1] != 2 or tuple(point_labels.shape) != tuple(points.shape[:2]):
-            raise ValueError(
-                f"points must be (P, N, 2) with labels (P, N); got {tuple(points.shape)}, {tuple(point_labels.shape)}"
-            )
-        count = points.shape[0]
-        coords.append(points.detach().to("cpu", torch.float32) * factor)
-        labels.append(point_labels.detach().to("cpu", torch.float32))
+    if prompts.points is not None:
+        count = prompts.points.shape[0]
+        coords.append(prompts.points.detach().to("cpu", torch.float32) * factor)
+        labels.append(prompts.point_labels.detach().to("cpu", torch.float32))
+    boxes = prompts.boxes
     if boxes is not None:
-        if boxes.ndim != 2 or boxes.shape[-1] != 4 or (count is not None and boxes.shape[0] != count):
+        if count is not None and boxes.shape[0] != count:
             raise ValueError(f"boxes must be (P, 4) for the P prompt sets, got {tuple(boxes.shape)}")
         count = boxes.shape[0]
         coords.append(boxes.detach().to("cpu", torch.float32).reshape(-1, 2, 2) * factor)
@@ -178,26 +170,17 @@ class OnnxEngine:
         x = images.detach().to("cpu", torch.float32).contiguous().numpy()
         return torch.from_numpy(self._encoder(x))
 
-    def decode(
-        self,
-        embedding: torch.Tensor,
-        *,
-        points: torch.Tensor | None = None,
-        point_labels: torch.Tensor | None = None,
-        boxes: torch.Tensor | None = None,
-        mask_inputs: torch.Tensor | None = None,
-        multimask_output: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """As :func:`sam_medical.model.forward.decode_many`: ``(P, M, L, L)`` logits, ``(P, M)`` IoU."""
+    def decode(self, embedding: torch.Tensor, prompts: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :func:`sam_medical.model.forward.decode_many`: ``(P, M, L, L)`` logits, ``(P, M)`` IoU (CPU)."""
         if embedding.ndim == 3:
             embedding = embedding.unsqueeze(0)
-        coords, labels = onnx_prompts(points, point_labels, boxes, self.input_size / sf.CANVAS_SIZE)
+        coords, labels = onnx_prompts(prompts, self.input_size / sf.CANVAS_SIZE)
         count = coords.shape[0]
-        if mask_inputs is None:
+        if prompts.mask_inputs is None:
             masks = np.zeros((count, 1, self._low_res, self._low_res), np.float32)
             has = np.zeros((count,), np.float32)
         else:
-            masks = mask_inputs.detach().to("cpu", torch.float32).numpy()
+            masks = prompts.mask_inputs.detach().to("cpu", torch.float32).numpy()
             if masks.shape[0] != count:
                 masks = np.broadcast_to(masks, (count, *masks.shape[1:]))
             masks = np.ascontiguousarray(masks)
@@ -212,7 +195,7 @@ class OnnxEngine:
                 "has_mask_input": has,
             },
         )
-        return sf.select_masks(torch.from_numpy(low), torch.from_numpy(iou), multimask_output)
+        return sf.select_masks(torch.from_numpy(low), torch.from_numpy(iou), prompts.multimask_output)
 
     def describe(self) -> dict[str, Any]:
         m = self.manifest

@@ -19,6 +19,7 @@ Shapes: ``B`` images, ``N`` points per prompt set, ``P`` prompt sets for one ima
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -87,33 +88,63 @@ def encode(sam: Sam, images: torch.Tensor) -> torch.Tensor:
     return sam.image_encoder(images)
 
 
-def _prompt_embeddings(
-    sam: Sam,
-    batch: int,
-    points: torch.Tensor | None,
-    point_labels: torch.Tensor | None,
-    boxes: torch.Tensor | None,
-    mask_inputs: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sparse ``(batch, T, C)`` and dense ``(batch, C, h, w)`` prompt embeddings, coordinates scaled."""
+@dataclass(frozen=True, eq=False)
+class PromptBatch:
+    """``P`` prompt sets for the decoder, in canvas pixels: what :func:`decode`, :func:`decode_many` and
+    every engine's ``decode`` take.
+
+    Coordinates are on the ``256 x 256`` canvas (:mod:`sam_medical.canvas.geometry`): a point is
+    ``(x, y)`` = (column, row), a box ``(x0, y0, x1, y1)`` (top-left, bottom-right corners); they are scaled
+    by ``S / 256`` only inside the decoder call. Every part is optional; the tensors may be on any device
+    (the decoder moves them to the model's).
+
+    Attributes:
+        points: ``(P, N, 2)`` float canvas ``(x, y)``; given exactly with ``point_labels``.
+        point_labels: ``(P, N)`` int, 1 foreground, 0 background, -1 padding (ignored, as in SAM).
+        boxes: ``(P, 4)`` float canvas ``(x0, y0, x1, y1)``.
+        mask_inputs: ``(P, 1, L, L)`` (or ``(1, 1, L, L)`` for all) low-resolution logits of a previous
+            prediction.
+        multimask_output: SAM's three masks per prompt set (mask tokens 1..3) instead of one (token 0).
+
+    Raises:
+        ValueError: ``points`` without ``point_labels``, or points/labels/boxes of the wrong shape.
+    """
+
+    points: torch.Tensor | None = None
+    point_labels: torch.Tensor | None = None
+    boxes: torch.Tensor | None = None
+    mask_inputs: torch.Tensor | None = None
+    multimask_output: bool = False
+
+    def __post_init__(self) -> None:
+        points, labels, boxes = self.points, self.point_labels, self.boxes
+        if points is not None:
+            if labels is None:
+                raise ValueError("points need point_labels")
+            if points.ndim != 3 or points.shape[-1] != 2 or tuple(labels.shape) != tuple(points.shape[:2]):
+                raise ValueError(
+                    f"points must be (P, N, 2) with labels (P, N); got {tuple(points.shape)}, {tuple(labels.shape)}"
+                )
+        if boxes is not None and (boxes.ndim != 2 or boxes.shape[-1] != 4):
+            raise ValueError(f"boxes must be (P, 4), got {tuple(boxes.shape)}")
+
+    @property
+    def count(self) -> int:
+        """``P``: the number of prompt sets (1 when there is no prompt at all)."""
+        return next((t.shape[0] for t in (self.points, self.boxes, self.mask_inputs) if t is not None), 1)
+
+
+def _prompt_embeddings(sam: Sam, batch: int, prompts: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse ``(batch, T, C)`` and dense ``(batch, C, h, w)`` prompt embeddings of ``prompts``, on the
+    model's device, coordinates scaled by ``S / 256``."""
     device = sam.pixel_mean.device
     factor = input_size(sam) / CANVAS_SIZE
     point_arg = None
-    if points is not None:
-        if point_labels is None:
-            raise ValueError("points need point_labels")
-        if points.ndim != 3 or points.shape[-1] != 2 or point_labels.shape != points.shape[:2]:
-            raise ValueError(
-                f"points must be (B, N, 2) with labels (B, N); got {tuple(points.shape)}, {tuple(point_labels.shape)}"
-            )
-        point_arg = (points.to(device, torch.float32) * factor, point_labels.to(device))
-    if boxes is not None:
-        if boxes.ndim != 2 or boxes.shape[-1] != 4:
-            raise ValueError(f"boxes must be (B, 4), got {tuple(boxes.shape)}")
-        boxes = boxes.to(device, torch.float32) * factor
-    if mask_inputs is not None:
-        mask_inputs = mask_inputs.to(device, sam.pixel_mean.dtype)
-    sparse, dense = sam.prompt_encoder(points=point_arg, boxes=boxes, masks=mask_inputs)
+    if prompts.points is not None:
+        point_arg = (prompts.points.to(device, torch.float32) * factor, prompts.point_labels.to(device))
+    boxes = None if prompts.boxes is None else prompts.boxes.to(device, torch.float32) * factor
+    masks = None if prompts.mask_inputs is None else prompts.mask_inputs.to(device, sam.pixel_mean.dtype)
+    sparse, dense = sam.prompt_encoder(points=point_arg, boxes=boxes, masks=masks)
     if sparse.shape[0] != batch:  # no prompt at all: the encoder answers for a batch of one
         if sparse.shape[0] != 1:
             raise ValueError(f"prompts are for {sparse.shape[0]} items, expected {batch}")
@@ -123,6 +154,10 @@ def _prompt_embeddings(
             raise ValueError(f"mask inputs are for {dense.shape[0]} items, expected {batch}")
         dense = dense.expand(batch, -1, -1, -1)
     return sparse, dense
+
+
+#: No prompt at all (SAM's "no mask" and padding embeddings): what :func:`decode` uses by default.
+NO_PROMPT = PromptBatch()
 
 
 def select_masks(
@@ -174,51 +209,30 @@ def predict_masks_paired(
 
 
 def decode(
-    sam: Sam,
-    embeddings: torch.Tensor,
-    *,
-    points: torch.Tensor | None = None,
-    point_labels: torch.Tensor | None = None,
-    boxes: torch.Tensor | None = None,
-    mask_inputs: torch.Tensor | None = None,
-    multimask_output: bool = False,
+    sam: Sam, embeddings: torch.Tensor, prompts: PromptBatch = NO_PROMPT
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One prompt set per image: ``B`` images, ``B`` prompt sets, one decoder pass for the batch.
+    """One prompt set per image: ``B`` images, ``B`` prompt sets (``P == B``), one decoder pass.
 
     Args:
         embeddings: ``(B, C, h, w)`` from :func:`encode`.
-        points: ``(B, N, 2)`` canvas ``(x, y)``; ``point_labels`` ``(B, N)``: 1 foreground, 0 background,
-            -1 padding (ignored, as in SAM).
-        boxes: ``(B, 4)`` canvas ``(x0, y0, x1, y1)``.
-        mask_inputs: ``(B, 1, L, L)`` logits of a previous prediction.
-        multimask_output: 3 masks per prompt set instead of 1.
+        prompts: the :class:`PromptBatch`, prompt set ``b`` for image ``b`` (default: no prompt at all).
 
     Returns:
         ``low_res_logits (B, M, L, L)`` and ``iou_pred (B, M)``.
     """
     b = embeddings.shape[0]
-    sparse, dense = _prompt_embeddings(sam, b, points, point_labels, boxes, mask_inputs)
+    sparse, dense = _prompt_embeddings(sam, b, prompts)
     masks, iou = predict_masks_paired(sam, embeddings, sparse, dense)
-    return select_masks(masks, iou, multimask_output)
+    return select_masks(masks, iou, prompts.multimask_output)
 
 
-def decode_many(
-    sam: Sam,
-    embedding: torch.Tensor,
-    *,
-    points: torch.Tensor | None = None,
-    point_labels: torch.Tensor | None = None,
-    boxes: torch.Tensor | None = None,
-    mask_inputs: torch.Tensor | None = None,
-    multimask_output: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_many(sam: Sam, embedding: torch.Tensor, prompts: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """One image, ``P`` prompt sets, one decoder pass: :func:`predict_masks_paired` with the image's
     embedding expanded (not copied) to the ``P`` prompt sets, as ``MaskDecoder.forward`` repeats it.
 
     Args:
         embedding: ``(1, C, h, w)`` (or ``(C, h, w)``).
-        points ``(P, N, 2)``, point_labels ``(P, N)``, boxes ``(P, 4)``, mask_inputs ``(P, 1, L, L)``:
-            as in :func:`decode`, with the prompt-set axis ``P`` first.
+        prompts: the :class:`PromptBatch` of the ``P`` prompt sets.
 
     Returns:
         ``low_res_logits (P, M, L, L)`` and ``iou_pred (P, M)``.
@@ -227,10 +241,10 @@ def decode_many(
         embedding = embedding.unsqueeze(0)
     if embedding.shape[0] != 1:
         raise ValueError(f"decode_many takes the embedding of one image, got a batch of {embedding.shape[0]}")
-    count = next((t.shape[0] for t in (points, boxes, mask_inputs) if t is not None), 1)
-    sparse, dense = _prompt_embeddings(sam, count, points, point_labels, boxes, mask_inputs)
+    count = prompts.count
+    sparse, dense = _prompt_embeddings(sam, count, prompts)
     masks, iou = predict_masks_paired(sam, embedding.expand(count, -1, -1, -1), sparse, dense)
-    return select_masks(masks, iou, multimask_output)
+    return select_masks(masks, iou, prompts.multimask_output)
 
 
 def logits_to_canvas(low_res_logits: torch.Tensor) -> torch.Tensor:

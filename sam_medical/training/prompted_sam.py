@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from sam_medical.model.forward import canvas_to_input, decode, encode
+from sam_medical.model.forward import PromptBatch, canvas_to_input, decode, encode
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
@@ -59,9 +59,11 @@ def decode_grouped(
             low, iou = decode(
                 sam,
                 embeddings[idx],
-                points=points[idx.to(points.device), :n] if n else None,
-                point_labels=point_labels[idx.to(point_labels.device), :n] if n else None,
-                boxes=box[idx.to(box.device)] if hb else None,
+                PromptBatch(
+                    points=points[idx.to(points.device), :n] if n else None,
+                    point_labels=point_labels[idx.to(point_labels.device), :n] if n else None,
+                    boxes=box[idx.to(box.device)] if hb else None,
+                ),
             )
             outs.append(low)
             ious.append(iou)

@@ -357,7 +357,9 @@ class SamLoraTrain(TrainTask):
             img = torch.from_numpy(f["imgs"][:1])
         with torch.inference_mode():
             emb = sam_forward.encode(sam, sam_forward.canvas_to_input(sam, img))
-            low, iou = sam_forward.decode(sam, emb, boxes=torch.tensor([[64.0, 64.0, 192.0, 192.0]]))
+            low, iou = sam_forward.decode(
+                sam, emb, sam_forward.PromptBatch(boxes=torch.tensor([[64.0, 64.0, 192.0, 192.0]]))
+            )
         if not (torch.isfinite(low).all() and torch.isfinite(iou).all()):
             raise UserInputError("the trained adapter gives non-finite outputs; not published")
         return {"loads": True, "finite": True, "version": meta["version"], "rank": meta["rank"]}
