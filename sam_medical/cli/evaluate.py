@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -166,15 +167,15 @@ def run(args: argparse.Namespace) -> int:
         seed=args.model_seed,
     )
     baseline = None
-    if args.baseline_adapter:
-        baseline = ModelSpec(**{**model.__dict__, "adapter": args.baseline_adapter})
-    elif args.baseline_model:
-        baseline = ModelSpec(
+    if args.baseline_adapter:  # the same model with another adapter
+        baseline = dataclasses.replace(model, adapter=args.baseline_adapter)
+    elif args.baseline_model:  # another model, same input size and seed, no adapter
+        baseline = dataclasses.replace(
+            model,
             name=args.baseline_model,
             checkpoint=args.baseline_checkpoint,
             random_weights=args.random_weights and not args.baseline_checkpoint,
-            image_size=args.image_size,
-            seed=args.model_seed,
+            adapter=None,
         )
 
     out = Path(args.out)
@@ -205,6 +206,20 @@ def parse_label_selection(text: str | None) -> tuple[int | str, ...] | None:
     return tuple(out)
 
 
+#: ``EvalConfig`` fields taken as they are from the command-line option of the same name.
+_SAME_NAMED_OPTIONS = (
+    "include_empty",
+    "save_masks",
+    "device",
+    "batch_prompts",
+    "batch_images",
+    "multimask",
+    "runtime",
+    "export_dir",
+    "propagate",
+)
+
+
 def _evaluate(
     args: argparse.Namespace, out: Path, prompt: Any, labels: Any, model: Any, baseline: Any
 ) -> int:
@@ -225,18 +240,10 @@ def _evaluate(
         model=model,
         baseline=baseline,
         labels=labels,
-        include_empty=args.include_empty,
-        save_masks=args.save_masks,
-        device=args.device,
-        batch_prompts=args.batch_prompts,
-        batch_images=args.batch_images,
-        multimask=args.multimask,
-        runtime=args.runtime,
-        export_dir=args.export_dir,
-        propagate=args.propagate,
         report=not args.no_report,
         progress=not args.quiet and sys.stderr.isatty(),
         extra=extra,
+        **{name: getattr(args, name) for name in _SAME_NAMED_OPTIONS},
     )
     summary = evaluate(config)
     _print_summary(summary)
