@@ -9,12 +9,15 @@ An adapter holds what a training run changed in the base model, in PEFT's vocabu
 
 ``meta["modules_to_save"]`` names the whole modules the file holds (``["mask_decoder"]`` or ``[]``);
 files written before that key existed are read with it derived from ``train_decoder``.
+``meta["trained_prompts"]`` names the prompt kinds the model was trained on (:data:`PROMPT_KINDS_TRAINED`
+values: ``["box"]``, or ``["box", "point"]`` after click rounds); absent in files written before it.
 
 Adapter file (``torch.save``, loadable with ``weights_only=True``)::
 
     {"format": "sam-medical-adapter", "format_version": 1,
      "meta": {"model", "checkpoint_md5", "weights_digest", "base", "rank", "alpha", "blocks", "image_size",
-              "train_decoder", "modules_to_save", "lora_params", "version", "created", **extra},
+              "train_decoder", "modules_to_save", "lora_params", "version", "created", "trained_prompts",
+              **extra},
      "lora": {state-dict name: tensor},
      "decoder": mask decoder state dict}          # only when train_decoder (modules_to_save)
 
@@ -51,6 +54,8 @@ TRAIN_STATE_FORMAT_VERSION = 1
 CONVERTED_FROM_STATE = "training state (last.pt)"
 #: The one whole module an adapter may hold besides its LoRA weights (PEFT's ``modules_to_save``).
 MASK_DECODER = "mask_decoder"
+#: The values ``meta["trained_prompts"]`` may list.
+PROMPT_KINDS_TRAINED = ("box", "point")
 
 
 def modules_to_save(meta: dict[str, Any]) -> list[str]:
@@ -94,6 +99,7 @@ def adapter_object(
     decoder: dict[str, torch.Tensor] | None,
     version: str,
     created: str,
+    trained_prompts: list[str] | None = None,
 ) -> dict[str, Any]:
     """The adapter file's object (see the module docstring) for a base model ``base`` (its ``base_info``)."""
     meta: dict[str, Any] = {
@@ -111,6 +117,8 @@ def adapter_object(
         "version": version,
         "created": created,
     }
+    if trained_prompts is not None:
+        meta["trained_prompts"] = list(trained_prompts)
     obj: dict[str, Any] = {
         "format": ADAPTER_FORMAT,
         "format_version": ADAPTER_FORMAT_VERSION,
@@ -211,6 +219,7 @@ def _adapter_from_train_state(state: dict[str, Any], path: Path) -> dict[str, An
         decoder=decoder or None,
         version=time.strftime("%Y%m%d-%H%M%S", time.gmtime(mtime)) + "-" + digest.hexdigest()[:8],
         created=datetime.fromtimestamp(mtime, timezone.utc).isoformat(timespec="seconds"),
+        trained_prompts=identity.get("trained_prompts"),
     )
     obj["meta"].update(converted_from=CONVERTED_FROM_STATE, epoch=state.get("epoch"), step=state.get("step"))
     return obj
@@ -260,6 +269,9 @@ def _check_adapter_meta(meta: dict[str, Any], path: Path) -> None:
         problems.append(f"image_size {meta['image_size']!r} is not a positive integer")
     if "train_decoder" in meta and not isinstance(meta["train_decoder"], bool):
         problems.append(f"train_decoder {meta['train_decoder']!r} is not true or false")
+    prompts = meta.get("trained_prompts", list(PROMPT_KINDS_TRAINED))
+    if not isinstance(prompts, list) or not prompts or not set(prompts) <= set(PROMPT_KINDS_TRAINED):
+        problems.append(f"trained_prompts {prompts!r} is not a list of {PROMPT_KINDS_TRAINED}")
     if meta.get("version") is not None and not isinstance(meta["version"], str):
         problems.append(f"version {meta['version']!r} is not a string")
     if problems:

@@ -44,14 +44,15 @@ def save_adapter(
     blocks: list[int] | tuple[int, ...],
     image_size: int,
     train_decoder: bool,
+    trained_prompts: list[str] | tuple[str, ...] = ("box",),
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the LoRA weights (and the mask decoder, ``modules_to_save``, if ``train_decoder``) to ``path`` atomically.
 
     ``rank``/``alpha``/``blocks``/``image_size`` must be those of the model (checked). ``rank`` 0 (no
     LoRA injected, ``blocks`` empty) saves a decoder-only adapter, which needs ``train_decoder``.
-    ``extra`` is added to the metadata (plain values only; it may not replace the keys set here).
-    Returns the metadata.
+    ``trained_prompts``: what the model was trained on, ``["box"]`` or ``["box", "point"]`` (serving reads it).
+    ``extra`` is added to the metadata (plain values, never replacing keys set here). Returns the metadata.
     """
     cfg = lora_config(sam)
     alpha = float(rank if alpha is None else alpha) if rank else 1.0
@@ -83,6 +84,7 @@ def save_adapter(
         decoder=decoder,
         version=files.new_version_id(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        trained_prompts=list(trained_prompts),
     )
     meta = obj["meta"]
     for key, value in (extra or {}).items():

@@ -137,6 +137,17 @@ class TrainConfig:
     num_bg_points: int = _opt(1, "up to this many background clicks per item", PROMPTS)
     box_jitter: int = _opt(5, "box sides move by 0..N canvas pixels (MedSAM: 5 at 256)", PROMPTS)
     drop_prob: float = _opt(0.5, "mixed prompts: probability of dropping the box or the clicks", PROMPTS)
+    click_rounds: int = _opt(
+        0,
+        "interactive training as SAM trains: prompt rounds per item (first a jittered box or one click, then "
+        "a click in the last mask's error region, its logits fed back; a lone click trains 3 masks, the best "
+        "one's loss; the IoU head learns the true IoU). 0: the fixed prompts of --prompt",
+        PROMPTS,
+        app=App(low=0, high=32),
+    )
+    first_click_prob: float = _opt(
+        0.5, "click rounds: probability that the first prompt is one click (else a jittered box)", PROMPTS
+    )
     epochs: int = _opt(10, "passes over the training items", OPTIM, app=App(low=1, high=1000))
     max_steps: int | None = _opt(
         100,
@@ -156,6 +167,7 @@ class TrainConfig:
     warmup_steps: int | None = _opt(None, "linear warm-up steps (default: 5%% of the run)", OPTIM)
     dice_weight: float = _opt(LAMBDA_DICE, "weight of the Dice loss", OPTIM)
     ce_weight: float = _opt(LAMBDA_CE, "weight of the binary cross-entropy loss", OPTIM)
+    iou_weight: float = _opt(1.0, "click rounds: weight of the IoU head's squared error", OPTIM)
     seed: int = _opt(0, "seed of the split, the prompts and the LoRA initialisation", OPTIM)
     device: str = _opt("auto", DEVICE_HELP, RUN)
     workers: int = _opt(0, "data loader worker processes", RUN)
@@ -199,7 +211,8 @@ class TrainConfig:
         if self.feature_cache_mb < 0:
             raise UserInputError(f"--feature-cache-mb must be >= 0, got {self.feature_cache_mb}")
         check_prompt_mode(self.prompt)
-        for name in ("lr", "weight_decay", "dice_weight", "ce_weight", "drop_prob", "val_fraction"):
+        numbers = ("lr", "weight_decay", "dice_weight", "ce_weight", "drop_prob", "val_fraction")
+        for name in (*numbers, "first_click_prob", "iou_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 raise UserInputError(f"--{name.replace('_', '-')} must be a finite number, got {value!r}")
@@ -213,8 +226,19 @@ class TrainConfig:
             raise UserInputError("--warmup-steps must be >= 0")
         if self.box_jitter < 0 or self.num_bg_points < 0 or self.workers < 0 or self.log_every < 0:
             raise UserInputError("--box-jitter, --num-bg-points, --workers and --log-every must be >= 0")
-        if not 0.0 <= self.drop_prob <= 1.0:
-            raise UserInputError(f"--drop-prob must be in [0, 1], got {self.drop_prob}")
+        for name in ("drop_prob", "first_click_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise UserInputError(
+                    f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}"
+                )
+        if (
+            isinstance(self.click_rounds, bool)
+            or not isinstance(self.click_rounds, int)
+            or self.click_rounds < 0
+        ):
+            raise UserInputError(f"--click-rounds must be a whole number >= 0, got {self.click_rounds!r}")
+        if self.iou_weight < 0:
+            raise UserInputError(f"--iou-weight must be >= 0, got {self.iou_weight}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise UserInputError(f"--device must be {DEVICE_HELP}, got {self.device!r}")
         if self.val_max_items is not None and self.val_max_items < 1:
@@ -240,8 +264,14 @@ class TrainConfig:
         }
 
     def val_kinds(self) -> list[str]:
-        """The deterministic prompt kinds validated for this training mode (``mixed``: box and point)."""
-        return ["box", "point"] if self.prompt == "mixed" else [self.prompt]
+        """The deterministic prompt kinds validated for this training mode (``mixed`` and click rounds: box
+        and point; with click rounds ``point`` is one click, answered as served: best of three masks)."""
+        return ["box", "point"] if self.prompt == "mixed" or self.click_rounds else [self.prompt]
+
+    def trained_prompts(self) -> list[str]:
+        """What the adapter's metadata says the model was trained on (``trained_prompts``): box and point
+        with click rounds, else box (the serving side answers clicks of a box-trained model its own way)."""
+        return ["box", "point"] if self.click_rounds else ["box"]
 
 
 def default(name: str) -> Any:

@@ -65,6 +65,8 @@ def build_data(cfg: TrainConfig, dist: DistInfo, pin_memory: bool) -> RunData:
     files = list_npz(cfg.data)
     train_files, val_files = split_cases(files, cfg.val_fraction, cfg.seed)
     sampler = TrainPromptSampler(cfg.prompt, cfg.box_jitter, cfg.num_points, cfg.num_bg_points, cfg.drop_prob)
+    # click rounds draw their own prompts; their "point" validation is one click (the interior point)
+    val_sampler = TrainPromptSampler(cfg.prompt, cfg.box_jitter, 1, 0) if cfg.click_rounds else sampler
     train_ds = NpzSliceDataset(
         train_files, cfg.label_values, prompt_sampler=sampler, cache_size=cfg.cache_size, seed=cfg.seed
     )
@@ -72,7 +74,7 @@ def build_data(cfg: TrainConfig, dist: DistInfo, pin_memory: bool) -> RunData:
         val_ds = NpzSliceDataset(
             val_files or train_files,
             cfg.label_values,
-            prompt_sampler=sampler,
+            prompt_sampler=val_sampler,
             deterministic_seed=cfg.seed,
             cache_size=cfg.cache_size,
         )

@@ -51,6 +51,7 @@ class TrainedModel:
             "alpha": lora_alpha(cfg),
             "blocks": list(self.blocks),
             "train_decoder": cfg.train_decoder,
+            "trained_prompts": cfg.trained_prompts(),
         }
 
     def frozen_identity(self) -> str:

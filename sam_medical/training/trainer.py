@@ -7,7 +7,8 @@ The recipe (SAMed / MedSAM), one module per part:
   LoRA by :func:`sam_medical.adapters.inject.inject_lora`; ``adapter_init`` to continue from an adapter);
 * data: :mod:`sam_medical.training.loaders` (slice x label items with random prompts, split by volume, read
   case by case); the frozen encoder's outputs come from :mod:`sam_medical.training.feature_cache`;
-* one micro-batch: :func:`sam_medical.training.step.train_step` (Dice + cross-entropy on the low-res logits);
+* one micro-batch: :func:`sam_medical.training.step.train_step` (Dice + cross-entropy on the low-res logits),
+  or with ``click_rounds`` the interactive rounds of :mod:`sam_medical.training.interactive_sam`;
 * optimiser: :mod:`sam_medical.training.optim` (AdamW, warm-up + cosine, gradient accumulation, bf16/fp16
   autocast on CUDA, fp32 on the CPU);
 * validation: :mod:`sam_medical.training.validation` (Dice with deterministic prompts of the kinds the
@@ -50,7 +51,6 @@ from sam_medical.training.distributed import (
 from sam_medical.training.feature_cache import MODE_EMBEDDING, FeatureCache
 from sam_medical.training.loaders import build_data
 from sam_medical.training.optim import Optimisation, amp_dtype_for
-from sam_medical.training.prompted_sam import PromptedSam
 from sam_medical.training.run_folder import RunFolder
 from sam_medical.training.state import (
     RunProgress,
@@ -59,7 +59,7 @@ from sam_medical.training.state import (
     save_state,
     write_rank_hash,
 )
-from sam_medical.training.step import make_loss, train_step
+from sam_medical.training.step import build_module, make_loss, train_step
 from sam_medical.training.summary import Facts, write_summary
 from sam_medical.training.trained_model import build_trained_model
 from sam_medical.training.validation import Validation, validate
@@ -119,9 +119,9 @@ class Trainer:
             self.sam, cfg.feature_cache_mb << 20, cfg.feature_cache_dir, self.model.frozen_identity()
         )
         self._init_group = init_group(self.dist, self.device)
-        # the IoU head is not in the loss: its parameters get no gradient when the decoder trains
+        # some trainable parameters get no gradient (the IoU head, or mask tokens a round does not use)
         self.module = wrap_ddp(
-            PromptedSam(self.sam, self.features), self.dist, self.device, cfg.train_decoder
+            build_module(cfg, self.sam, self.features), self.dist, self.device, cfg.train_decoder
         )
         self.loss_fn = make_loss(cfg)
         params = [p for p in self.sam.parameters() if p.requires_grad]
@@ -183,6 +183,7 @@ class Trainer:
             blocks=self.model.blocks,
             image_size=cfg.image_size,
             train_decoder=self.state.save_decoder,
+            trained_prompts=cfg.trained_prompts(),
             extra=extra,
         )
 
@@ -193,8 +194,9 @@ class Trainer:
 
     def _validation(self, features: FeatureCache | None) -> Validation:
         """The validation items, prompt kinds, device and AMP of this run; ``features`` for the encoder."""
-        kinds = self.config.val_kinds()
-        return Validation(self.data.val_loader, kinds, self.device, self.amp_dtype, features)
+        cfg = self.config
+        loader, multimask = self.data.val_loader, cfg.click_rounds > 0
+        return Validation(loader, cfg.val_kinds(), self.device, self.amp_dtype, features, multimask)
 
     def _epoch_record(self, epoch: int, val: dict[str, float], seconds: float) -> dict[str, Any]:
         total, count = self.state.epoch_loss_sum, float(self.state.epoch_loss_count)

@@ -2,7 +2,8 @@
 
 Each image is encoded once (its frozen part from a
 :class:`~sam_medical.training.feature_cache.FeatureCache` when given) and decoded once per kind
-(``"box"``: the tight box; ``"point"``: the clicks, interior point first; ``"box+point"``: both).
+(``"box"``: the tight box; ``"point"``: the clicks, interior point first; ``"box+point"``: both; a lone
+click of a model trained in click rounds is answered as served, best of three masks by predicted IoU).
 Predictions are ``logits_to_canvas(low_res) > 0`` on the 256 canvas, zero outside the image region of the
 canvas (``valid_hw``); the Dice of each item comes from :func:`sam_medical.metrics.batch_dice` (MONAI's
 ``DiceMetric``: NaN for an empty target, left out of the means).
@@ -16,8 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sam_medical.inference.decoding import choose_mask
 from sam_medical.metrics import batch_dice
-from sam_medical.model.forward import decode, logits_to_canvas
+from sam_medical.model.forward import PromptBatch, decode, logits_to_canvas
+from sam_medical.training.click_rounds import valid_region
 from sam_medical.training.distributed import DistInfo, sum_over_ranks
 from sam_medical.training.optim import autocast
 from sam_medical.training.prompted_sam import batch_keys, embed
@@ -29,13 +32,16 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Validation:
     """What a validation pass scores and how: the ``loader`` of validation items, the prompt ``kinds``, the
-    ``device``, the autocast dtype (None: fp32) and a feature cache for the frozen encoder (or None)."""
+    ``device``, the autocast dtype (None: fp32), a feature cache for the frozen encoder (or None) and
+    ``lone_click_multimask``: a prompt of one click and nothing else is answered as served (SAM's three
+    masks, the one with the highest predicted IoU), for models trained in click rounds."""
 
     loader: Any
     kinds: list[str]
     device: torch.device
     amp_dtype: torch.dtype | None = None
     features: Any = None
+    lone_click_multimask: bool = False
 
 
 @dataclass(frozen=True)
@@ -49,12 +55,24 @@ class ItemDice:
     dice: float
 
 
-def _valid_region(batch: dict[str, Any], like: torch.Tensor) -> torch.Tensor:
-    """``(B, 1, 256, 256)`` bool: True on each canvas's image region ``valid_hw`` (not the padding)."""
-    valid = torch.zeros_like(like, dtype=torch.bool)
-    for b, (h, w) in enumerate(batch["valid_hw"].tolist()):
-        valid[b, :, :h, :w] = True
-    return valid
+def _decode_kind(
+    sam: Sam, emb: torch.Tensor, batch: dict[str, Any], kind: str, lone_click_multimask: bool
+) -> torch.Tensor:
+    """Low-res logits ``(B, 1, L, L)`` of the batch's deterministic prompt of ``kind``; a lone click (one
+    click per item, no box) with ``lone_click_multimask`` as served: three masks, the best predicted IoU."""
+    use_points = "point" in kind
+    lone = lone_click_multimask and kind == "point" and batch["points"].shape[1] == 1
+    low, iou = decode(
+        sam,
+        emb,
+        PromptBatch(
+            points=batch["points"] if use_points else None,
+            point_labels=batch["point_labels"] if use_points else None,
+            boxes=batch["box"] if "box" in kind else None,
+            multimask_output=lone,
+        ),
+    )
+    return choose_mask(low, iou)[0] if lone else low
 
 
 @torch.no_grad()
@@ -68,18 +86,11 @@ def _batch_dices(sam: Sam, v: Validation) -> Iterator[tuple[dict[str, Any], str,
         for batch in v.loader:
             image = batch["image"].to(device, non_blocking=True)
             target = batch["target"].to(device)
-            valid = _valid_region(batch, target)
+            valid = valid_region(batch["valid_hw"], target.shape[-1], device)[:, None]
             with autocast(device, v.amp_dtype):
                 emb = embed(sam, image, features, batch_keys(batch) if features is not None else None)
                 for kind in v.kinds:
-                    use_points = "point" in kind
-                    low, _ = decode(
-                        sam,
-                        emb,
-                        points=batch["points"] if use_points else None,
-                        point_labels=batch["point_labels"] if use_points else None,
-                        boxes=batch["box"] if "box" in kind else None,
-                    )
+                    low = _decode_kind(sam, emb, batch, kind, v.lone_click_multimask)
                     pred = (logits_to_canvas(low.float()) > 0) & valid
                     yield batch, kind, batch_dice(pred, target)  # (B,), NaN for empty targets
     finally:
