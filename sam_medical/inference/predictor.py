@@ -23,10 +23,11 @@ itself by default, or the model exported to ONNX (:mod:`sam_medical.inference.on
 :meth:`VolumePredictor.set_engine` once verified. Engines are verified to give the same masks, so the
 embeddings cached under a model version serve whichever engine runs it.
 
-Threads: the image encoder runs under one lock (one encode at a time, whoever asks: a click or the
-prefetcher) and the mask decoder under another, so a click whose embedding is cached never waits for a
-background encode. The prefetcher does not start a new encode while a click is being served. The model
-is never modified here (a new adapter version means a new :class:`VolumePredictor` over a new model).
+Threads: one encode runs at a time (:class:`~sam_medical.inference.preemption.EncoderGate`), and a click
+that needs one stops the background encode in flight, so a click never waits for background work (the
+stopped slice is encoded again later). The mask decoder runs under its own lock, so a click whose
+embedding is cached never waits for an encode. The prefetcher starts no encode while a request is
+served. The model is never modified here (a new adapter version means a new :class:`VolumePredictor`).
 """
 
 from __future__ import annotations
@@ -34,29 +35,26 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from sam_medical.canvas.geometry import SliceGeometry
-from sam_medical.errors import UserInputError
 from sam_medical.inference.caches import CacheKey, EmbeddingCache
 from sam_medical.inference.decoding import canvas_logits, check_multimask, decode_prompts
 from sam_medical.inference.engines import Engine, TorchEngine
+from sam_medical.inference.preemption import EncoderGate, encode_stoppable
 from sam_medical.inference.prefetch import Prefetcher
 from sam_medical.inference.volume_slices import (
     PreparedVolume,
-    as_points,
+    PreparedVolumes,
     canvas_prompt,
-    check_points_inside,
+    check_prompts,
     check_slice_index,
-    clip_box,
 )
 from sam_medical.model import forward as sf
-from sam_medical.volume.intensity import resolve_window, window_options
+from sam_medical.volume.intensity import window_options
 from sam_medical.volume.io import Volume
 
 if TYPE_CHECKING:
@@ -96,7 +94,8 @@ class VolumePredictor:
             ``"off"`` (default): SAM's single-mask output (as trained); ``"auto"``: three masks and the
             best predicted IoU when the prompt is a lone click (SAM's advice for ambiguous prompts; the
             app's ``--conf multimask auto``); ``"on"``: that for every prompt.
-        prefetch_queue: at most this many slices wait for background encoding.
+        prefetch_queue: at most this many slices wait for background encoding (the cache budget,
+            :meth:`prefetch_room`, bounds them too).
         prefetch_threads: torch intra-op threads of the background encodes (the clicks keep the rest).
         decode_threads: intra-op threads of the (small) mask decoder; 1 avoids OpenMP barrier stalls
             when a background encode holds the other cores (None: leave the thread's setting).
@@ -112,7 +111,7 @@ class VolumePredictor:
         *,
         window: str = "auto",
         multimask: bool | str = "off",
-        prefetch_queue: int = 16,
+        prefetch_queue: int = 4096,
         prefetch_threads: int = 1,
         decode_threads: int | None = 1,
         engine: Engine | None = None,
@@ -128,10 +127,9 @@ class VolumePredictor:
         self.decode_threads = decode_threads
         self.modality, self.window_name = window_options(window)
         self._window_tag = self.window_name or self.modality
-        self._encode_lock = threading.Lock()
+        self._gate = EncoderGate()
         self._decode_lock = threading.Lock()
-        self._prepared: OrderedDict[str, PreparedVolume] = OrderedDict()
-        self._prepared_lock = threading.Lock()
+        self._prepared = PreparedVolumes(self.modality, self.window_name)
         self._active_clicks = 0
         self._active_lock = threading.Lock()
         self._prefetcher = Prefetcher(
@@ -142,19 +140,7 @@ class VolumePredictor:
     # -- volumes -------------------------------------------------------------------------------
     def prepare(self, image_key: str, volume: Volume) -> PreparedVolume:
         """The volume with its window resolved (once per ``image_key``; the last 16 are remembered)."""
-        with self._prepared_lock:
-            prep = self._prepared.get(image_key)
-            if prep is not None and prep.volume is volume:
-                self._prepared.move_to_end(image_key)
-                return prep
-        i_size, j_size, _ = volume.shape
-        window = resolve_window(volume.array, self.modality, self.window_name)
-        prep = PreparedVolume(image_key, volume, window, SliceGeometry(i_size, j_size))
-        with self._prepared_lock:
-            self._prepared[image_key] = prep
-            while len(self._prepared) > 16:
-                self._prepared.popitem(last=False)
-        return prep
+        return self._prepared.get(image_key, volume)
 
     @contextlib.contextmanager
     def busy(self) -> Iterator[None]:
@@ -196,12 +182,20 @@ class VolumePredictor:
         return int(getattr(self.engine, "encode_batch", 1))
 
     # -- encoder -------------------------------------------------------------------------------
-    def _encode(self, prep: PreparedVolume, ks: Sequence[int]) -> torch.Tensor:
-        """Embeddings ``(len(ks), C, h, h)`` of slices ``ks``, in one engine call."""
+    def _encode(
+        self, prep: PreparedVolume, ks: Sequence[int], times: dict[str, float] | None = None
+    ) -> torch.Tensor:
+        """Embeddings ``(len(ks), C, h, h)`` of slices ``ks``, in one engine call (stopped by a click when
+        run in the background); ``times`` gets the ``canvas`` and ``encode`` seconds."""
+        t0 = time.perf_counter()
         canvas = torch.from_numpy(np.stack([prep.canvas(k) for k in ks]))  # (B, 256, 256, 3) uint8
+        images = sf.canvas_to_input(self.sam, canvas)
+        t1 = time.perf_counter()
         with torch.inference_mode():
-            emb = self.engine.encode(sf.canvas_to_input(self.sam, canvas))
+            emb = encode_stoppable(self.engine, images)
         self.encoder_calls += 1
+        if times is not None:
+            times.update(canvas=t1 - t0, encode=time.perf_counter() - t1)
         return emb
 
     def embed(self, image_key: str, volume: Volume, k: int) -> tuple[torch.Tensor, str]:
@@ -210,38 +204,62 @@ class VolumePredictor:
         k = check_slice_index(k, volume.shape[2])
         return self._embed_prepared(prep, k)
 
-    def _embed_prepared(self, prep: PreparedVolume, k: int) -> tuple[torch.Tensor, str]:
+    def _embed_prepared(
+        self, prep: PreparedVolume, k: int, times: dict[str, float] | None = None
+    ) -> tuple[torch.Tensor, str]:
+        """The cached embedding, else encoded now, before any background encode (``times``: ``wait``,
+        the seconds until the encoder was free, plus ``canvas`` and ``encode``)."""
         key = self.cache_key(prep.image_key, k)
         emb = self.cache.get(key)
         if emb is not None:
             return emb, EMBEDDING_CACHED
-        with self._encode_lock:
-            emb = self.cache.peek(key)  # the prefetcher may have finished it while we waited
+        with self._gate.foreground([key]) as waited:
+            if times is not None:
+                times["wait"] = waited
+            emb = self.cache.peek(key)  # the background encode of this very slice may have finished it
             if emb is not None:
                 return emb, EMBEDDING_CACHED
-            emb = self._encode(prep, [k])
+            emb = self._encode(prep, [k], times)
             self.cache.put(key, emb)
         return emb, EMBEDDING_COMPUTED
 
+    def _put_all(self, prep: PreparedVolume, ks: Sequence[int], emb: torch.Tensor) -> None:
+        for i, k in enumerate(ks):
+            self.cache.put(self.cache_key(prep.image_key, k), emb if len(ks) == 1 else emb[i : i + 1].clone())
+
+    def _missing(self, prep: PreparedVolume, ks: Iterable[int]) -> list[int]:
+        return [
+            k
+            for k in dict.fromkeys(int(k) for k in ks)
+            if self.cache_key(prep.image_key, k) not in self.cache
+        ]
+
     def encode_missing(self, prep: PreparedVolume, ks: Sequence[int]) -> int:
-        """Encode the slices of ``ks`` not cached yet, ``encode_batch`` at a time; return how many."""
-        done = 0
-        with self._encode_lock:
-            todo = [
-                k
-                for k in dict.fromkeys(int(k) for k in ks)
-                if self.cache_key(prep.image_key, k) not in self.cache
-            ]
+        """Encode the slices of ``ks`` not cached yet, ``encode_batch`` at a time, now (before any
+        background encode); return how many."""
+        todo = self._missing(prep, ks)
+        with self._gate.foreground([self.cache_key(prep.image_key, k) for k in todo]):
+            todo = self._missing(prep, todo)
             step = max(1, self.encode_batch)
             for start in range(0, len(todo), step):
                 chunk = todo[start : start + step]
-                emb = self._encode(prep, chunk)
-                for i, k in enumerate(chunk):
-                    self.cache.put(
-                        self.cache_key(prep.image_key, k), emb if len(chunk) == 1 else emb[i : i + 1].clone()
-                    )
-                done += len(chunk)
-        return done
+                self._put_all(prep, chunk, self._encode(prep, chunk))
+        return len(todo)
+
+    def encode_background(self, prep: PreparedVolume, ks: Sequence[int]) -> int:
+        """The prefetcher's encode of the slices of ``ks`` not cached yet (one engine call); return how many.
+
+        Raises:
+            Preempted: a click needs the encoder (at once, or mid-way: nothing is cached then).
+        """
+        todo = self._missing(prep, ks)
+        if not todo:
+            return 0
+        with self._gate.background([self.cache_key(prep.image_key, k) for k in todo]):
+            todo = self._missing(prep, todo)
+            if todo:
+                self._put_all(prep, todo, self._encode(prep, todo))
+        return len(todo)
 
     def encode_ahead(self, image_key: str, volume: Volume, ks: Iterable[int]) -> int:
         """Encode slices ``ks`` (inside the volume, not cached yet) now, in batches of
@@ -252,34 +270,6 @@ class VolumePredictor:
         return self.encode_missing(prep, [k for k in ks if 0 <= int(k) < depth])
 
     # -- decoder -------------------------------------------------------------------------------
-    def _checked_prompts(
-        self,
-        volume: Volume,
-        k: int,
-        fg_points_ij: Iterable[Sequence[float]] | None,
-        bg_points_ij: Iterable[Sequence[float]] | None,
-        box_ij: Sequence[float] | None,
-        mask_input: torch.Tensor | None,
-    ) -> tuple[int, np.ndarray, np.ndarray, tuple[int, int, int, int] | None]:
-        """``(k, fg (N, 2), bg (N, 2), clipped box or None)`` after the checks of :meth:`segment_slice`."""
-        i_size, j_size, k_size = volume.shape
-        k = check_slice_index(k, k_size)
-        fg = as_points(fg_points_ij, "foreground")
-        bg = as_points(bg_points_ij, "background")
-        check_points_inside(fg, (i_size, j_size), "foreground")
-        check_points_inside(bg, (i_size, j_size), "background")
-        box = clip_box(box_ij, (i_size, j_size)) if box_ij is not None and len(box_ij) else None
-        if not len(fg) and not len(bg) and box is None:
-            raise UserInputError(
-                f"no prompt for slice {k}: give at least one foreground/background point [i, j, {k}] or an ROI"
-            )
-        low_size = sf.low_res_size(self.sam)
-        if mask_input is not None and tuple(mask_input.shape) != (1, 1, low_size, low_size):
-            raise ValueError(
-                f"mask_input must be (1, 1, {low_size}, {low_size}), got {tuple(mask_input.shape)}"
-            )
-        return k, fg, bg, box
-
     def segment_slice(
         self,
         image_key: str,
@@ -301,8 +291,9 @@ class VolumePredictor:
 
         Returns:
             ``mask (I, J) bool`` and ``info``: ``iou`` (predicted), ``embedding`` (``"cached"`` /
-            ``"computed"``), ``model_version``, ``timings`` (seconds: ``encode``, ``decode``, ``post``,
-            ``total``), ``box_ij`` (the clipped box or None), ``low_res_logits`` (a ``(1, 1, L, L)``
+            ``"computed"``), ``model_version``, ``timings`` (seconds: ``prepare`` (checks, window),
+            ``wait`` (for the encoder), ``canvas``, ``encode`` (0 when cached), ``decode``, ``map_back``
+            (logits to the ``(I, J)`` mask), ``total``), ``box_ij`` (the clipped box or None), ``low_res_logits`` (a ``(1, 1, L, L)``
             tensor, e.g. for the next slice's ``mask_input``; not JSON).
 
         Raises:
@@ -310,11 +301,13 @@ class VolumePredictor:
                 prompt at all.
         """
         t0 = time.perf_counter()
-        k, fg, bg, box = self._checked_prompts(volume, k, fg_points_ij, bg_points_ij, box_ij, mask_input)
+        k, fg, bg, box = check_prompts(volume.shape, k, fg_points_ij, bg_points_ij, box_ij)
+        self._check_mask_input(mask_input)
+        times: dict[str, float] = {"wait": 0.0, "canvas": 0.0, "encode": 0.0}
         with self.busy():
             prep = self.prepare(image_key, volume)
             t1 = time.perf_counter()
-            emb, state = self._embed_prepared(prep, k)
+            emb, state = self._embed_prepared(prep, k, times)
             t2 = time.perf_counter()
             prompt = canvas_prompt(prep.geometry, fg, bg, box, mask_input)
             with self._decode_lock, torch.inference_mode(), _intra_op_threads(self.decode_threads):
@@ -323,23 +316,24 @@ class VolumePredictor:
             t3 = time.perf_counter()
             mask = prep.geometry.logits_from_model(logits_256) > 0  # (I, J)
         t4 = time.perf_counter()
-        timings = {
-            "prepare": t1 - t0,
-            "encode": t2 - t1,
-            "decode": t3 - t2,
-            "post": t4 - t3,
-            "total": t4 - t0,
-        }
+        times.update(prepare=t1 - t0, decode=t3 - t2, map_back=t4 - t3, total=t4 - t0)
         info = {
             "iou": decoded.iou,
             "embedding": state,
             "model_version": self.model_version,
             "slice": k,
             "box_ij": list(box) if box is not None else None,
-            "timings": {name: round(s, 4) for name, s in timings.items()},
+            "timings": {name: round(s, 4) for name, s in times.items()},
             "low_res_logits": decoded.low_res_logits,
         }
         return mask, info
+
+    def _check_mask_input(self, mask_input: torch.Tensor | None) -> None:
+        low_size = sf.low_res_size(self.sam)
+        if mask_input is not None and tuple(mask_input.shape) != (1, 1, low_size, low_size):
+            raise ValueError(
+                f"mask_input must be (1, 1, {low_size}, {low_size}), got {tuple(mask_input.shape)}"
+            )
 
     # -- prefetch ------------------------------------------------------------------------------
     def prefetch(self, image_key: str, volume: Volume, ks: Iterable[int]) -> int:
@@ -349,8 +343,8 @@ class VolumePredictor:
         (:func:`neighbours`). A new call cancels the slices still waiting from earlier calls (the user
         moved on). At most :meth:`prefetch_room` slices are queued (the cache budget) and the queue is
         bounded: extra slices are dropped.
-        The worker waits while a click is being served, so it never delays one by more than the
-        encode already running.
+        The worker starts no encode while a click is served, and a click that needs an encode stops
+        the one running (:class:`~sam_medical.inference.preemption.EncoderGate`).
         """
         if self._prefetcher.closed:
             return 0

@@ -2,9 +2,11 @@
 
 A :class:`Prefetcher` belongs to one :class:`~sam_medical.inference.predictor.VolumePredictor` (its
 ``owner``): it queues ``(prepared volume, slice k)`` jobs, and a daemon thread asks the owner to encode
-them (:meth:`PrefetchOwner.encode_missing`, which fills the owner's embedding cache). A new
+them (:meth:`PrefetchOwner.encode_background`, which fills the owner's embedding cache). A new
 :meth:`Prefetcher.submit` cancels the jobs still waiting from earlier calls (the user moved on). The
-worker starts no encode while the owner serves a request (:attr:`PrefetchOwner.requests_active`).
+worker starts no encode while the owner serves a request (:attr:`PrefetchOwner.requests_active`), and
+an encode a click stops (:class:`~sam_medical.inference.preemption.Preempted`) is tried again first,
+once the requests are over.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+
+from sam_medical.inference.preemption import Preempted
 
 if TYPE_CHECKING:
     from sam_medical.inference.volume_slices import PreparedVolume
@@ -31,19 +35,20 @@ class PrefetchOwner(Protocol):
 
     def cache_key(self, image_key: str, k: int) -> Hashable: ...
 
-    def encode_missing(self, prep: PreparedVolume, ks: Sequence[int]) -> int: ...
+    def encode_background(self, prep: PreparedVolume, ks: Sequence[int]) -> int: ...
 
 
 @dataclass
 class PrefetchStats:
     """Counters of slices: queued, encoded, skipped (already cached or failed), dropped (no room),
-    cancelled (superseded by a newer prefetch)."""
+    cancelled (superseded by a newer prefetch); and encodes stopped by a click (``preempted``: tried again)."""
 
     queued: int = 0
     encoded: int = 0
     skipped: int = 0
     dropped: int = 0
     cancelled: int = 0
+    preempted: int = 0
 
 
 @dataclass
@@ -69,6 +74,7 @@ class Prefetcher:
         self.name = name
         self.stats = PrefetchStats()
         self._queue: queue.Queue[_Job] = queue.Queue(maxsize=max(1, int(queue_size)))
+        self._retry: list[_Job] = []  # stopped by a click: taken before the queue (still unfinished tasks)
         self._generation = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -109,6 +115,11 @@ class Prefetcher:
         self._drop_pending()
 
     def _drop_pending(self) -> None:
+        with self._lock:
+            retry, self._retry = self._retry, []
+        for _ in retry:
+            self.stats.cancelled += 1
+            self._queue.task_done()
         while True:
             try:
                 self._queue.get_nowait()
@@ -146,6 +157,7 @@ class Prefetcher:
             "skipped": s.skipped,
             "dropped": s.dropped,
             "cancelled": s.cancelled,
+            "preempted": s.preempted,
             "pending": self._queue.qsize(),
             "in_flight": self._queue.unfinished_tasks,
         }
@@ -186,20 +198,30 @@ class Prefetcher:
         for job in live:
             groups.setdefault(id(job.prepared), []).append(job)
         for group in groups.values():
-            encoded = self.owner.encode_missing(group[0].prepared, [job.k for job in group])
+            encoded = self.owner.encode_background(group[0].prepared, [job.k for job in group])
             self.stats.encoded += encoded
             self.stats.skipped += len(group) - encoded
+
+    def _take(self) -> _Job | None:
+        """The next job: one a click stopped first, else the queue's (None after 0.5 s of nothing)."""
+        with self._lock:
+            if self._retry:
+                return self._retry.pop(0)
+        try:
+            return self._queue.get(timeout=0.5)
+        except queue.Empty:
+            return None
 
     def _loop(self) -> None:
         # intra-op threads are a per-thread setting (OpenMP): background encodes use few cores and
         # leave the others to the clicks
         torch.set_num_threads(self.threads)
         while not self._stop.is_set():
-            try:
-                first = self._queue.get(timeout=0.5)
-            except queue.Empty:
+            first = self._take()
+            if first is None:
                 continue
             jobs = self._next_jobs(first)
+            finished = True
             try:
                 live = self._live(jobs)
                 if not live:
@@ -209,8 +231,20 @@ class Prefetcher:
                 if self._stop.is_set():
                     break
                 self._encode(live)
+            except Preempted:  # a click needed the encoder: these slices go first next time
+                self.stats.preempted += 1
+                finished = not self._requeue(jobs)
             except Exception:  # noqa: BLE001 - a background encode must never kill the worker
                 self.stats.skipped += len(jobs)
             finally:
-                for _ in jobs:
-                    self._queue.task_done()
+                if finished:
+                    for _ in jobs:
+                        self._queue.task_done()
+
+    def _requeue(self, jobs: list[_Job]) -> bool:
+        """Put stopped ``jobs`` first in line unless a newer submit superseded them; True when put back."""
+        with self._lock:
+            if self._stop.is_set() or any(job.generation != self._generation for job in jobs):
+                return False
+            self._retry[:0] = jobs
+            return True

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +23,7 @@ import torch
 from sam_medical.canvas.geometry import SliceGeometry
 from sam_medical.errors import UserInputError
 from sam_medical.inference.decoding import CanvasPrompt
-from sam_medical.volume.intensity import IntensityWindow
+from sam_medical.volume.intensity import IntensityWindow, resolve_window
 from sam_medical.volume.io import Volume
 
 # --- prepared volumes ------------------------------------------------------------------------------
@@ -48,6 +50,33 @@ class PreparedVolume:
         """Slice ``k`` -> ``(256, 256, 3)`` uint8 canvas (windowed, resized, zero-padded)."""
         kji = self.volume.array.transpose(2, 1, 0)  # contiguous (K, J, I) view
         return self.geometry.image_to_model(self.window.apply(kji[int(k)].T))
+
+
+class PreparedVolumes:
+    """Thread-safe LRU of :class:`PreparedVolume` by image key (the last ``keep``): the window of a
+    volume is resolved once (:func:`~sam_medical.volume.intensity.resolve_window`: ``modality`` and
+    ``window_name`` as :func:`~sam_medical.volume.intensity.window_options` gives them)."""
+
+    def __init__(self, modality: str, window_name: str | None, keep: int = 16) -> None:
+        self.modality, self.window_name, self.keep = modality, window_name, int(keep)
+        self._data: OrderedDict[str, PreparedVolume] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, image_key: str, volume: Volume) -> PreparedVolume:
+        """``volume`` prepared (the remembered one when it is the same object under ``image_key``)."""
+        with self._lock:
+            prep = self._data.get(image_key)
+            if prep is not None and prep.volume is volume:
+                self._data.move_to_end(image_key)
+                return prep
+        i_size, j_size, _ = volume.shape
+        window = resolve_window(volume.array, self.modality, self.window_name)
+        prep = PreparedVolume(image_key, volume, window, SliceGeometry(i_size, j_size))
+        with self._lock:
+            self._data[image_key] = prep
+            while len(self._data) > self.keep:
+                self._data.popitem(last=False)
+        return prep
 
 
 # --- prompt checks ---------------------------------------------------------------------------------
@@ -118,6 +147,33 @@ def clip_box(box_ij: Sequence[float], shape_ij: tuple[int, int]) -> tuple[int, i
     return ci0, ci1, cj0, cj1
 
 
+def check_prompts(
+    shape: tuple[int, int, int],
+    k: Any,
+    fg_points_ij: Iterable[Sequence[float]] | None,
+    bg_points_ij: Iterable[Sequence[float]] | None,
+    box_ij: Sequence[float] | None,
+) -> tuple[int, np.ndarray, np.ndarray, tuple[int, int, int, int] | None]:
+    """Prompts on slice ``k`` of a volume of ``shape`` ``(I, J, K)`` -> ``(k, fg (N, 2), bg (N, 2), box)``:
+    points ``(i, j)`` checked inside the slice, the box ``(i0, i1, j0, j1)`` clipped (None when absent).
+
+    Raises:
+        UserInputError: slice out of range, a point outside the slice, a box entirely outside, no prompt.
+    """
+    i_size, j_size, k_size = shape
+    k = check_slice_index(k, k_size)
+    fg = as_points(fg_points_ij, "foreground")
+    bg = as_points(bg_points_ij, "background")
+    check_points_inside(fg, (i_size, j_size), "foreground")
+    check_points_inside(bg, (i_size, j_size), "background")
+    box = clip_box(box_ij, (i_size, j_size)) if box_ij is not None and len(box_ij) else None
+    if not len(fg) and not len(bg) and box is None:
+        raise UserInputError(
+            f"no prompt for slice {k}: give at least one foreground/background point [i, j, {k}] or an ROI"
+        )
+    return k, fg, bg, box
+
+
 def canvas_prompt(
     geom: SliceGeometry,
     fg: np.ndarray,
@@ -134,6 +190,15 @@ def canvas_prompt(
         labels = np.asarray([1] * len(fg) + [0] * len(bg), np.int64)
     canvas_box = np.asarray(geom.box_to_model(*box), np.float32) if box is not None else None
     return CanvasPrompt(points=points, point_labels=labels, box=canvas_box, mask_input=mask_input)
+
+
+def centre_out(depth: int) -> list[int]:
+    """Every slice index of a volume of ``depth`` slices, the centre first, then outwards:
+    ``c, c+1, c-1, c+2, ...`` with ``c = depth // 2``."""
+    if depth <= 0:
+        return []
+    centre = depth // 2
+    return [centre, *neighbours(centre, depth - 1, depth)]
 
 
 def neighbours(k: int, count: int, depth: int) -> list[int]:
