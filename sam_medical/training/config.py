@@ -29,6 +29,8 @@ from sam_medical.prompts import PROMPT_MODES, check_prompt_mode
 LAMBDA_DICE = 0.8
 LAMBDA_CE = 0.2
 DEVICE_HELP = "auto | cpu | cuda | cuda:N"
+#: Values of ``precision``: the autocast dtype of a run on CUDA.
+AMP_PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,13 @@ class TrainConfig:
     iou_weight: float = _opt(1.0, "click rounds: weight of the IoU head's squared error", OPTIM)
     seed: int = _opt(0, "seed of the split, the prompts and the LoRA initialisation", OPTIM)
     device: str = _opt("auto", DEVICE_HELP, RUN)
+    precision: str = _opt(
+        "auto",
+        "autocast on CUDA: auto (bf16 where supported, else fp16), bf16, fp16 or fp32 (none); the CPU trains "
+        "in fp32",
+        RUN,
+        choices=AMP_PRECISIONS,
+    )
     workers: int = _opt(0, "data loader worker processes", RUN)
     cache_size: int = _opt(2, "cases whose slice arrays stay in memory (per worker)", RUN)
     feature_cache_mb: int = _opt(

@@ -15,11 +15,14 @@ import torch
 from sam_medical.training.config import TrainConfig
 
 
-def amp_dtype_for(device: torch.device) -> torch.dtype | None:
-    """bf16 on CUDA when supported, else fp16 on CUDA; None (fp32) on the CPU."""
-    if device.type != "cuda":
+def amp_dtype_for(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype of ``precision`` (``TrainConfig.precision``) on ``device``: on CUDA, ``auto`` is
+    bf16 when supported, else fp16, and ``fp32`` is None (no autocast); None (fp32) on the CPU."""
+    if device.type != "cuda" or precision == "fp32":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

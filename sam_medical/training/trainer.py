@@ -105,7 +105,7 @@ class Trainer:
         cfg.check()
         local_rank = self.dist.local_rank if self.dist.distributed else None
         self.device = resolve_device(cfg.device, local_rank=local_rank)
-        self.amp_dtype = amp_dtype_for(self.device)
+        self.amp_dtype = amp_dtype_for(self.device, cfg.precision)
         self.folder.check(resume=cfg.resume, overwrite=cfg.overwrite)
         # data before the model: bad data is the most common mistake and the cheapest to find
         self.data = build_data(cfg, self.dist, pin_memory=self.device.type == "cuda")
