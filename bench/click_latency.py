@@ -1,39 +1,34 @@
-"""Click latency of the MONAI Label app, end to end, through 3D Slicer's own client, per runtime.
+"""Click latency of the MONAI Label app end to end, through 3D Slicer's own client (issue 19). One JSON line.
 
-For each model (``tiny`` and ``vit_b`` with random weights, ``medsam_lite`` with its real weights; input
-256) and each runtime (``--runtimes torch,onnx``: fp32 PyTorch beside the exported runtime) this starts
-the real ``monailabel start_server`` on 127.0.0.1 with a copy of ``monailabel_app`` and a temporary
-datastore holding one synthetic 512x512x100 CT volume (int16 HU, with a label). The servers of one model
-run side by side and every timed phase alternates between them (a rotating order, each click taken when
-no server has a background encode in flight), so that the machine's changing load hits them alike.
-Requests are built as Slicer builds them (``MONAILabel.py``: ``onClickDeepgrow`` /
-``MONAILabelLogic.infer``); the prompt is a click for the SAM models and an ROI box around the organ for
-``medsam_lite`` (trained with boxes only). Measured:
+The real ``monailabel start_server`` runs on 127.0.0.1 with a copy of ``monailabel_app`` and a temporary
+datastore holding a synthetic 512x512x100 CT (int16 HU, a liver-like organ as label 1) and a copy of it
+that is only opened. Requests are built as Slicer builds them (``MONAILabel.py``: ``onClickDeepgrow``):
+an ROI box around the organ for ``medsam_lite`` (trained with boxes only), a click for the others
+(``--prompt``). In one run, measured:
 
-* ``server_start_s``, and ``runtime``: what serves, the export's digest and what making it cost
-  (``export_s``: export + verification against PyTorch, cold cache; ``cache_load_s``: loading it again);
-* ``first_click_s``: the first request on the volume (load + window + encode + decode + write + transfer);
-* ``new_slice_p50_s`` / ``new_slice_max_s``: requests on ``--new-slices`` slices never seen before
-  (encode + decode; what "a first click on a new slice" costs);
-* ``repeat_p50_s`` / ``repeat_p95_s``: 20 more requests on one slice (decoder only when cached), and
-  ``all_repeats_cached``;
-* ``neighbour_click_s``: a request on slice ``k+1`` once the background prefetch has encoded it;
-* ``walk``: a user stepping slice by slice with ``--think`` seconds between requests: how often the
-  slice's embedding was ready (prefetched), and the latency p50/max;
-* ``sam_3d_s``: one ``sam_3d`` request with the IoU stop off (``min_iou`` -1, the lowest accepted), so the walk covers the
-  organ (80 of the 100 slices), with its slice count and its cached/computed embeddings;
-* ``load_average``: the machine's load while the row was measured (other work slows every number);
-* with ``--during-training``: 20 requests sent 4 at a time while a ``sam_lora`` training run is in
-  progress (``during_training``), then the run is stopped.
+* ``torch_encoder_alone_s``: the plain fp32 PyTorch image encoder, no server, all cores (p50);
+* with background encoding on (``prefetch_slices`` 4 and the whole volume ahead) and off
+  (``prefetch_slices`` 0), one server after the other (a server's background work never slows the
+  other's clicks):
 
-It prints one JSON line per model and runtime, then, with two runtimes or more, one ``compare`` line per
-model: each figure of the first runtime (the baseline) divided by the same figure of every other one.
-Usage::
+  * ``first_click_s``: the first request on the volume (load, window, encode, decode, write);
+  * ``far_3s_p50_s`` / ``far_12s_p50_s``: the first click on a far slice never encoded, 3 s and 12 s
+    after a click elsewhere (``--trials`` each; slices from the volume's ends inwards, where encoding
+    ahead from the centre arrives last; ``far_cached`` counts those that were ready anyway);
+  * ``repeat_p50_s``: ``--repeats`` more clicks on one slice (the decoder only);
+  * ``stages_far_p50`` / ``stages_repeat_p50``: each stage of the answer's ``latency`` (seconds, p50)
+    and ``http``: the client's time less the server's ``total`` (HTTP, MONAI Label, transfer);
 
-    .venv/bin/python bench/click_latency.py [--models tiny,vit_b,medsam_lite] [--runtimes torch,onnx]
-        [--during-training] [--keep DIR]
-    # on a GPU: fp32 beside fp16/bf16 autocast (prefetch and propagation then encode 8 slices a batch)
-    .venv/bin/python bench/click_latency.py --models medsam_lite --device cuda --runtimes torch,torch:fp16,torch:bf16
+* ``ready``: on the server with background encoding, the copy is opened as Slicer opens a volume it
+  does not hold (``GET /datastore/image``); after 5, 10 and 20 s of scrolling the share of its slices
+  already encoded, and whether the first click on the centre slice (at 10 s) found it ready;
+* with ``--decode-only``: only ``click_decode_ms_p50``, the decode stage (``latency.decode``, ms) of one
+  foreground click on a cached slice, with the server's ``--conf`` (e.g. a click strategy).
+
+Timings on a shared machine are noisy: measure on a quiet one. Usage::
+
+    .venv/bin/python bench/click_latency.py [--model medsam_lite] [--trials 4] [--conf KEY VALUE ...]
+    .venv/bin/python bench/click_latency.py --model medsam_lite --decode-only --conf multimask auto
 """
 
 from __future__ import annotations
@@ -50,7 +45,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +55,7 @@ SPACING = (0.75, 0.75, 2.5)
 
 
 def slicer_client_module():
-    """The Slicer plugin's ``MONAILabelLib/client.py`` as installed with monailabel."""
+    """The Slicer plugin's ``MONAILabelLib/client.py`` as installed with monailabel (under the venv's root)."""
     import monailabel
 
     for base in (Path(sys.prefix) / "monailabel", Path(monailabel.__file__).parent):
@@ -103,19 +97,17 @@ def synthetic_ct(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_datastore(root: Path) -> np.ndarray:
-    """Write ``root/ct.nii.gz`` and ``root/labels/final/ct.nii.gz``; return the label ``(I, J, K)``."""
+    """``root/ct.nii.gz`` with ``root/labels/final/ct.nii.gz``, and ``root/ct_open.nii.gz`` (the same
+    voxels, another file: opened only); returns the label ``(I, J, K)``."""
     from sam_medical.volume.io import Volume, write_volume
 
     image, label = synthetic_ct()
     ref = Volume(image, SPACING, (-190.0, -190.0, -400.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    (root / "labels" / "final").mkdir(parents=True, exist_ok=True)
     write_volume(image, ref, root / "ct.nii.gz")
+    write_volume(image, ref, root / "ct_open.nii.gz")
     write_volume(label, ref, root / "labels" / "final" / "ct.nii.gz")
     return label
-
-
-#: The organ's centre voxel ``(i, j)`` on every slice, and the slice clicked first.
-CENTRE = (200, 200)
-K0 = SHAPE[2] // 2
 
 
 def free_port() -> int:
@@ -125,18 +117,13 @@ def free_port() -> int:
 
 
 def start_server(app: Path, studies: Path, conf: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
+    """``monailabel start_server`` on 127.0.0.1 (a new process group); ``(process, url)`` once it answers."""
     port = free_port()
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [
-        str(Path(sys.executable).parent / "monailabel"),
-        "start_server",
-        "--app",
-        str(app),
-        "--studies",
-        str(studies),
-    ]
+    cmd = [str(Path(sys.executable).parent / "monailabel"), "start_server", "--app", str(app)]
+    cmd += ["--studies", str(studies)]
     for key, value in conf.items():
         cmd += ["--conf", key, value]
     cmd += ["--host", "127.0.0.1", "--port", str(port)]
@@ -144,7 +131,7 @@ def start_server(app: Path, studies: Path, conf: dict[str, str], log: Path) -> t
         cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600
+    deadline = time.time() + 900
     while time.time() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"server {conf} exited:\n{log.read_text()[-4000:]}")
@@ -167,330 +154,250 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+#: The organ's centre voxel ``(i, j)`` on every slice; the centre slice.
+CENTRE = (200, 200)
+K_CENTRE = SHAPE[2] // 2
+
+
+def pct(values: list[float], q: float = 50) -> float | None:
+    return round(float(np.percentile(values, q)), 4) if values else None
+
+
 class Server:
-    """One running server of one model and runtime, with Slicer's client and its prompt kind."""
+    """One running server with Slicer's client; requests as the plugin builds them."""
 
-    def __init__(self, model: str, runtime: str, proc: subprocess.Popen, url: str, client, label: np.ndarray):
-        self.model, self.runtime, self.proc, self.url, self.client = model, runtime, proc, url, client
-        self.label = label
-        self.box_prompts = model == "medsam_lite"  # trained with boxes only: Slicer's ROI
+    def __init__(self, proc, url: str, client, label: np.ndarray, box: bool) -> None:
+        self.proc, self.url, self.client, self.label, self.box = proc, url, client, label, box
 
-    def sam(self) -> dict:
-        return self.client.info()["models"]["sam_2d"]["sam"]
-
-    def idle(self, timeout: float = 600.0) -> None:
-        """Wait until no background encode is queued or running."""
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            prefetch = self.sam().get("prefetch") or {}
-            if not prefetch.get("in_flight"):
-                return
-            time.sleep(0.2)
-
-    def params(self, k: int, jitter: int = 0, is_3d: bool = False, **config) -> dict:
-        """A request as the plugin builds it: a click at the organ's centre, or an ROI box around it."""
-        i, j = CENTRE
-        params = {"label": "object", "foreground": [], "background": [], "adapter": "current", **config}
-        if self.box_prompts:
+    def params(self, k: int, jitter: int = 0, box: bool | None = None) -> dict:
+        params = {"label": "object", "foreground": [], "background": [], "slice": k}
+        if self.box if box is None else box:
             ii, jj = np.nonzero(self.label[:, :, k])
-            params["roi"] = [
-                int(ii.min()) - 3 + jitter % 3,
-                int(ii.max()) + 3,
-                int(jj.min()) - 3,
-                int(jj.max()) + 3 - jitter % 2,
-                k,
-                k,
-            ]
+            if not len(ii):  # outside the organ: a box around where it would be
+                ii, jj = np.array([150, 250]), np.array([150, 250])
+            lo_i, hi_i, lo_j, hi_j = int(ii.min()), int(ii.max()), int(jj.min()), int(jj.max())
+            params["roi"] = [lo_i - 3 + jitter % 3, hi_i + 3, lo_j - 3, hi_j + 3 - jitter % 2, k, k]
         else:
+            i, j = CENTRE
             params["foreground"] = [[i + jitter % 7 - 3, j + jitter % 5 - 2, k]]
-        if not is_3d:
-            params["slice"] = k
         params["result_extension"] = ".nrrd"
         params["result_dtype"] = "uint8"
         return params
 
-    def request(self, k: int, jitter: int = 0, is_3d: bool = False, **config) -> tuple[float, dict]:
-        """``(seconds end to end, answer)`` of one request on slice ``k``."""
+    def click(
+        self, k: int, jitter: int = 0, image: str = "ct", box: bool | None = None
+    ) -> tuple[float, dict]:
+        """``(seconds end to end, answer)`` of one ``sam_2d`` request on slice ``k``."""
         t0 = time.perf_counter()
-        result_file, out = self.client.infer(
-            "sam_3d" if is_3d else "sam_2d", "ct", self.params(k, jitter, is_3d, **config)
-        )
+        result_file, out = self.client.infer("sam_2d", image, self.params(k, jitter, box))
         seconds = time.perf_counter() - t0
         os.unlink(result_file)
         return seconds, out
 
+    def prefetch(self) -> dict:
+        return self.client.info()["models"]["sam_2d"]["sam"].get("prefetch") or {}
 
-def pct(values: list[float], q: float) -> float:
-    return round(float(np.percentile(values, q)), 4)
+    def idle(self, timeout: float = 900.0) -> None:
+        """Wait until no background encode is queued or running."""
+        deadline = time.time() + timeout
+        while time.time() < deadline and self.prefetch().get("in_flight"):
+            time.sleep(0.5)
 
 
-def interleaved(servers: list[Server], fn, rounds: int, settle: bool = True) -> dict[str, list]:
-    """``fn(server, round)`` for every round, the servers in a rotating order; ``settle``: each call
-    waits until no server has a background encode in flight. Returns the results per runtime."""
-    out: dict[str, list] = {s.runtime: [] for s in servers}
-    for r in range(rounds):
-        for s in servers[r % len(servers) :] + servers[: r % len(servers)]:
-            if settle:
-                for other in servers:
-                    other.idle()
-            out[s.runtime].append(fn(s, r))
+def far_slices(count: int) -> list[int]:
+    """``count`` slices from the volume's ends inwards (0, 99, 1, 98, ...), where encoding ahead from
+    the centre arrives last."""
+    ends = [k for step in range(SHAPE[2] // 2) for k in (step, SHAPE[2] - 1 - step)]
+    return ends[:count]
+
+
+def stages(answers: list[tuple[float, dict]]) -> dict:
+    """p50 of each ``latency`` stage, and ``http`` (the client's seconds less the server's total)."""
+    names = sorted({name for _, out in answers for name in out["latency"]})
+    out = {name: pct([a["latency"].get(name, 0.0) for _, a in answers]) for name in names}
+    out["http"] = pct([s - a["latency"]["total"] for s, a in answers])
     return out
 
 
-def new_slices(count: int) -> list[int]:
-    """Slices inside the organ (10..89), 4 apart from each other and from ``K0``'s neighbourhood."""
-    ks = [k for k in range(14, 88, 5) if abs(k - K0) > 4]
-    step = max(1, len(ks) // max(1, count))
-    return ks[::step][:count]
+def far_clicks(server: Server, args, targets: list[int]) -> dict:
+    """First clicks on far slices ``targets``, 3 s and 12 s after a click elsewhere (near the centre)."""
+    rows: dict[str, list[tuple[float, dict]]] = {"3": [], "12": []}
+    n = 0
+    for delay in (3, 12):
+        for _ in range(args.trials):
+            server.click(K_CENTRE - 8 + 4 * (n % 5), jitter=n)  # elsewhere: near the centre
+            time.sleep(delay)
+            rows[str(delay)].append(server.click(targets[n], jitter=n))
+            n += 1
+    out: dict = {}
+    for delay, answers in rows.items():
+        computed = [(s, a) for s, a in answers if a["embedding"] == "computed"]
+        out[f"far_{delay}s_p50_s"] = pct([s for s, _ in computed])
+        out[f"far_{delay}s_all_s"] = [round(s, 3) for s, _ in answers]
+        out[f"far_{delay}s_cached"] = len(answers) - len(computed)
+        out[f"far_{delay}s_wait_p50_s"] = pct([a["latency"].get("wait", 0.0) for _, a in computed])
+        out.setdefault("_far", []).extend(computed)
+    return out
 
 
-def walk(server: Server, start: int, steps: int, think: float) -> dict:
-    """A user stepping up slice by slice, ``think`` seconds between requests."""
-    states, times = [], []
-    for n in range(steps):
-        seconds, out = server.request(start + n)
-        states.append(out["embedding"])
-        times.append(seconds)
-        time.sleep(think)
-    return {
-        "steps": steps,
-        "think_s": think,
-        "ready": round(sum(s == "cached" for s in states[1:]) / max(1, steps - 1), 3),
-        "p50_s": pct(times[1:], 50),
-        "max_s": round(max(times[1:]), 4),
-    }
+def measure(server: Server, args, targets: list[int]) -> dict:
+    first_s, first = server.click(K_CENTRE)
+    row = {"first_click_s": round(first_s, 4), "first_click_latency": first["latency"]}
+    row.update(far_clicks(server, args, targets))
+    far = row.pop("_far")
+    repeats = [server.click(K_CENTRE, jitter=r + 1) for r in range(args.repeats)]
+    row["repeat_p50_s"] = pct([s for s, _ in repeats])
+    row["repeat_all_cached"] = all(a["embedding"] == "cached" for _, a in repeats)
+    row["stages_far_p50"] = stages(far)
+    row["stages_repeat_p50"] = stages(repeats)
+    row["prefetch"] = server.prefetch()
+    return row
 
 
-def bench_model(model: str, runtimes: list[str], work: Path, label: np.ndarray, args) -> list[dict]:
-    module = slicer_client_module()
-    servers: list[Server] = []
-    starts: dict[str, float] = {}
-    try:
-        for variant in runtimes:
-            runtime, _, precision = variant.partition(":")
-            app = work / f"app_{model}_{variant.replace(':', '_')}"
-            shutil.copytree(
-                REPO / "monailabel_app",
-                app,
-                ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__"),
-            )
-            conf = {
-                "model": model,
-                "use_pretrained_model": "true" if model == "medsam_lite" else "false",
-                "image_size": "256",
-                "prefetch_slices": str(args.prefetch),
-                "torch_threads": str(args.torch_threads),
-                "runtime": runtime,
-                "precision": precision or "fp32",
-                "device": args.device,
-                "export_dir": str(work / f"exports_{model}_{runtime}"),  # cold: the export is measured
-            }
-            t0 = time.perf_counter()
-            proc, url = start_server(app, work / "studies", conf, app / "server.log")
-            starts[variant] = round(time.perf_counter() - t0, 2)
-            servers.append(
-                Server(model, variant, proc, url, module.MONAILabelClient(url, tmpdir=str(work)), label)
-            )
-        loads = [os.getloadavg()]
-        first = interleaved(servers, lambda s, r: s.request(K0), 1)
-        fresh = new_slices(args.new_slices)
-        new = interleaved(servers, lambda s, r: s.request(fresh[r]), len(fresh))
-        loads.append(os.getloadavg())
-        for s in servers:
-            s.idle()
-        repeats = interleaved(servers, lambda s, r: s.request(K0, jitter=r + 1), 20, settle=False)
-        neighbour = interleaved(servers, lambda s, r: s.request(K0 + 1), 1)
-        loads.append(os.getloadavg())
-        walks = {}
-        walk_start = max([*fresh, K0]) + 5  # slices no earlier request (or its prefetch) touched
-        if walk_start + args.walk_steps > 89:
-            raise SystemExit(
-                "error: --new-slices and --walk-steps leave no untouched slices inside the organ"
-            )
-        for s in servers:  # one at a time: the other servers stay idle while a user "thinks"
-            for other in servers:
-                other.idle()
-            walks[s.runtime] = walk(s, walk_start, args.walk_steps, args.think)
-        loads.append(os.getloadavg())
-        sam3d = interleaved(servers, lambda s, r: s.request(K0, is_3d=True, min_iou=-1.0), 1)
-        loads.append(os.getloadavg())
-        rows = []
-        for s in servers:
-            rt = s.runtime
-            info = s.sam()
-            runtime = info.get("runtime") or {}
-            first_s, first_out = first[rt][0]
-            neighbour_s, neighbour_out = neighbour[rt][0]
-            times = [t for t, _ in repeats[rt]]
-            new_times = [t for t, _ in new[rt]]
-            walk3d_s, walk3d = sam3d[rt][0]
-            row = {
-                "model": model,
-                "runtime": rt,
-                "serving": runtime.get("serving"),
-                "prompt": "roi box" if s.box_prompts else "click",
-                "weights": "LiteMedSAM (real)" if model == "medsam_lite" else "random",
-                "volume": list(SHAPE),
-                "device": info.get("device"),
-                "torch_threads": args.torch_threads or "auto (half the cores)",
-                "load_average": [[round(x, 2) for x in la] for la in loads],
-                "server_start_s": starts[rt],
-                "export_digest": runtime.get("export_digest"),
-                "export_s": runtime.get("seconds") if runtime.get("source") == "export" else None,
-                "export_timings": runtime.get("timings"),
-                "first_click_s": round(first_s, 4),
-                "first_click_server": first_out["latency"],
-                "new_slice_p50_s": pct(new_times, 50),
-                "new_slice_max_s": round(max(new_times), 4),
-                "new_slices": len(new_times),
-                "new_slice_encode_p50_s": pct([o["latency"]["encode"] for _, o in new[rt]], 50),
-                "repeat_p50_s": pct(times, 50),
-                "repeat_p95_s": pct(times, 95),
-                "repeat_max_s": round(max(times), 4),
-                "all_repeats_cached": all(o["embedding"] == "cached" for _, o in repeats[rt]),
-                "repeat_decode_p50_s": pct([o["latency"]["decode"] for _, o in repeats[rt]], 50),
-                "neighbour_click_s": round(neighbour_s, 4),
-                "neighbour_embedding": neighbour_out["embedding"],
-                "walk": walks[rt],
-                "sam_3d_s": round(walk3d_s, 3),
-                "sam_3d_slices": len(walk3d["slices"]),
-                "sam_3d_embeddings": walk3d["embeddings"],
-                "sam_3d_stopped": walk3d["stopped"],
-            }
-            if args.during_training:
-                row["during_training"] = clicks_during_training(s)
-            row["cache_load_s"] = cache_load_seconds(model, work, rt.partition(":")[0])
-            rows.append(row)
-        return rows
-    finally:
-        for s in servers:
-            stop_server(s.proc)
+def ready_share(server: Server, open_id: str, depth: int) -> dict:
+    """Open ``open_id`` as Slicer downloads it; the share of its slices encoded after 5, 10, 20 s (the
+    background encode of another image in flight at the open, if any, counts too: at most 1 slice)."""
+    base = server.prefetch().get("encoded", 0)
+    t0 = time.perf_counter()
+    with urllib.request.urlopen(f"{server.url}/datastore/image?image={open_id}", timeout=60) as r:
+        r.read()
+    out: dict = {}
+    for at in (5, 10, 20):
+        time.sleep(max(0.0, t0 + at - time.perf_counter()))
+        out[f"share_{at}s"] = round((server.prefetch().get("encoded", 0) - base) / depth, 3)
+        if at == 10:
+            seconds, answer = server.click(K_CENTRE, image=open_id)
+            out["centre_ready_10s"] = answer["embedding"] == "cached"
+            out["centre_click_10s_s"] = round(seconds, 4)
+    return out
 
 
-def cache_load_seconds(model: str, work: Path, runtime: str) -> float | None:
-    """Seconds to load the export the server made from its cache (what a restart costs), in process."""
-    if runtime not in ("onnx", "openvino"):
-        return None
-    from sam_medical.inference.export_cache import load_or_export
+def torch_encoder_alone(model: str, repeats: int) -> float:
+    """p50 seconds of the plain fp32 PyTorch image encoder on one canvas, all cores, no server."""
+    import torch
+
+    from sam_medical.model import forward as sf
     from sam_medical.model.build import build_sam
 
-    sam, info = build_sam(model, image_size=256, random_weights=model != "medsam_lite")
-    engine = load_or_export(sam, work / f"exports_{model}_{runtime}", info, backend=runtime, threads=1)
-    return engine.manifest["load_s"] if engine.manifest["source"] == "cache" else None
+    torch.set_num_threads(os.cpu_count() or 1)
+    sam, _ = build_sam(model, image_size=256, random_weights=model != "medsam_lite")
+    canvas = torch.randint(
+        0, 255, (1, 256, 256, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    times = []
+    with torch.inference_mode():
+        x = sf.canvas_to_input(sam.eval(), canvas)
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            sf.encode(sam, x)
+            times.append(time.perf_counter() - t0)
+    return pct(times[1:])
 
 
-COMPARED = (
-    "first_click_s",
-    "new_slice_p50_s",
-    "repeat_p50_s",
-    "repeat_p95_s",
-    "neighbour_click_s",
-    "sam_3d_s",
-)
-
-
-def compare(rows: list[dict]) -> dict:
-    """The baseline's figures (the first runtime) divided by every other runtime's: speed-up factors."""
-    base = rows[0]
-    out = {"compare": base["model"], "baseline": base["runtime"]}
-    for row in rows[1:]:
-        out[row["runtime"]] = {
-            key.removesuffix("_s"): round(base[key] / row[key], 2) for key in COMPARED if row.get(key)
-        }
-    return out
-
-
-def clicks_during_training(server: Server) -> dict:
-    """Start a training run, wait until it trains, send 20 requests 4 at a time, stop the run."""
-    client = server.client
-    client.train_start("sam_lora", {"epochs": 1, "max_steps": 1000, "val_max_items": 4, "batch_size": 2})
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < 300:
-        stats = client.info()["train_stats"].get("sam_lora", {})
-        if stats.get("status") == "RUNNING" and stats.get("stage") == "training":
-            break
-        if stats.get("status") in ("ERROR", "DONE", "STOPPED") and not client.train_status(
-            check_if_running=True
-        ):
-            return {"error": f"training ended before the clicks: {stats.get('status')} {stats.get('error')}"}
-        time.sleep(0.5)
-
-    def one(d: int) -> tuple[bool, float]:
-        try:
-            seconds, _ = server.request(K0 - 2 + d % 5, jitter=d)
-            return True, seconds
-        except Exception:  # noqa: BLE001 - counted as a failure
-            return False, 0.0
-
-    with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(one, range(20)))
-    running = client.train_status(check_if_running=True)
-    stage = client.info()["train_stats"].get("sam_lora", {}).get("stage")
-    client.train_stop()
-    ok = [s for good, s in results if good]
-    return {
-        "clicks": len(results),
-        "succeeded": len(ok),
-        "p50_s": pct(ok, 50) if ok else None,
-        "p95_s": pct(ok, 95) if ok else None,
-        "training_still_running_after": bool(running),
-        "training_stage": stage,
+def serve(work: Path, name: str, args, conf: dict[str, str], label: np.ndarray) -> Server:
+    """A server of ``args.model`` with ``conf`` over a fresh copy of the app (the export cache is shared)."""
+    app = work / f"app_{name}"
+    shutil.copytree(
+        REPO / "monailabel_app", app, ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__")
+    )
+    full = {
+        "model": args.model,
+        "use_pretrained_model": "true" if args.model == "medsam_lite" else "false",
+        "image_size": "256",
+        "export_dir": str(work / "exports"),
+        **dict(args.conf or []),
+        **conf,
     }
+    proc, url = start_server(app, work / "studies", full, app / "server.log")
+    client = slicer_client_module().MONAILabelClient(url, tmpdir=str(work))
+    box = args.prompt == "box" or (args.prompt == "auto" and args.model == "medsam_lite")
+    return Server(proc, url, client, label, box)
+
+
+def decode_only(work: Path, args, label: np.ndarray) -> dict:
+    """``click_decode_ms_p50``: the decode stage of one foreground click on a cached slice."""
+    server = serve(work, "decode", args, {"prefetch_slices": "0"}, label)
+    try:
+        server.click(K_CENTRE, box=False)  # the slice is encoded once
+        answers = [server.click(K_CENTRE, jitter=r + 1, box=False) for r in range(args.repeats)]
+        cached = all(a["embedding"] == "cached" for _, a in answers)
+        decode_ms = [1000 * a["latency"]["decode"] for _, a in answers]
+        return {
+            "click_decode_ms_p50": pct(decode_ms),
+            "click_decode_ms_all": [round(v, 1) for v in decode_ms],
+            "click_total_p50_s": pct([s for s, _ in answers]),
+            "all_cached": cached,
+            "strategy": answers[-1][1].get("strategy"),
+        }
+    finally:
+        stop_server(server.proc)
+
+
+def both_servers(work: Path, args, label: np.ndarray) -> dict:
+    """The same measurements with background encoding off, then on (one server at a time), and the
+    ready share on the latter."""
+    targets = far_slices(2 * args.trials)
+    out: dict = {}
+    for name, prefetch in (("prefetch_off", "0"), ("prefetch_on", str(args.prefetch))):
+        t0 = time.perf_counter()
+        server = serve(work, name, args, {"prefetch_slices": prefetch}, label)
+        try:
+            row = {"server_start_s": round(time.perf_counter() - t0, 1), "load_average": [os.getloadavg()[0]]}
+            row.update(measure(server, args, targets))
+            if prefetch != "0":
+                row["ready"] = ready_share(server, "ct_open", SHAPE[2])
+            row["runtime"] = server.client.info()["models"]["sam_2d"]["sam"].get("runtime")
+            row["load_average"].append(os.getloadavg()[0])
+            out[name] = row
+        finally:
+            stop_server(server.proc)
+    off, on = out["prefetch_off"], out["prefetch_on"]
+    if off.get("far_3s_p50_s") and on.get("far_3s_p50_s"):
+        out["far_3s_on_over_off"] = round(on["far_3s_p50_s"] / off["far_3s_p50_s"], 3)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="tiny,vit_b")
+    parser.add_argument("--model", default="medsam_lite")
     parser.add_argument(
-        "--runtimes",
-        default="torch,onnx",
-        help="server runtimes side by side, RUNTIME[:PRECISION] (torch:fp16 on CUDA); the first is the baseline",
+        "--prompt", choices=("auto", "box", "click"), default="auto", help="auto: box for medsam_lite"
     )
-    parser.add_argument("--device", default="auto", help="server's --conf device (cuda: the GPU figures)")
+    parser.add_argument("--trials", type=int, default=4, help="far-slice clicks per delay (3 s, 12 s)")
+    parser.add_argument("--repeats", type=int, default=10, help="repeat clicks on one slice")
+    parser.add_argument("--prefetch", type=int, default=4, help="--conf prefetch_slices of the 'on' server")
     parser.add_argument(
-        "--during-training", action="store_true", help="also click while a training run is in progress"
+        "--conf", nargs=2, action="append", metavar=("KEY", "VALUE"), help="more server --conf (repeatable)"
     )
-    parser.add_argument(
-        "--torch-threads", type=int, default=0, help="server's --conf torch_threads (0: auto)"
-    )
-    parser.add_argument("--prefetch", type=int, default=4, help="server's --conf prefetch_slices")
-    parser.add_argument(
-        "--new-slices", type=int, default=8, help="slices never seen before, clicked once each"
-    )
-    parser.add_argument("--walk-steps", type=int, default=8, help="slices a simulated user steps through")
-    parser.add_argument(
-        "--think", type=float, default=1.5, help="seconds the simulated user waits between slices"
-    )
+    parser.add_argument("--decode-only", action="store_true", help="only click_decode_ms_p50")
     parser.add_argument(
         "--keep", default=None, help="work folder to keep (default: a temporary one, removed)"
     )
     args = parser.parse_args()
-    runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="click_latency_"))
     work.mkdir(parents=True, exist_ok=True)
+    row: dict = {
+        "bench": "click_latency",
+        "command": "bench/click_latency.py " + " ".join(sys.argv[1:]),
+        "model": args.model,
+        "volume": list(SHAPE),
+        "cpus": os.cpu_count(),
+        "load_average_start": round(os.getloadavg()[0], 2),
+    }
     try:
-        studies = work / "studies"
-        (studies / "labels" / "final").mkdir(parents=True, exist_ok=True)
-        label = write_datastore(studies)
-        print(
-            json.dumps(
-                {
-                    "command": "bench/click_latency.py " + " ".join(sys.argv[1:]),
-                    "cpus": os.cpu_count(),
-                    "load_average": os.getloadavg(),
-                }
-            ),
-            flush=True,
-        )
-        for model in [m.strip() for m in args.models.split(",") if m.strip()]:
-            rows = bench_model(model, runtimes, work, label, args)
-            for row in rows:
-                print(json.dumps(row), flush=True)
-            if len(rows) > 1:
-                print(json.dumps(compare(rows)), flush=True)
+        label = write_datastore(work / "studies")
+        if args.decode_only:
+            row.update(decode_only(work, args, label))
+        else:
+            row["torch_encoder_alone_s"] = torch_encoder_alone(args.model, 5)
+            row.update(both_servers(work, args, label))
+            far = row["prefetch_on"].get("far_3s_p50_s")
+            if far:
+                row["speedup_far_3s_vs_torch_encoder"] = round(row["torch_encoder_alone_s"] / far, 2)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from typing import Any
 
 from lib.datastore import GuardedDatastore, refuse
 from lib.infers.base import check_infer_request
+from lib.infers.encode_ahead import EncodeAhead, install_download_hook, opened_sample
 from lib.infers.sam_2d import Sam2D
 from lib.infers.sam_3d import Sam3D
 from lib.served_model import ServedModel
@@ -44,6 +45,7 @@ class MyApp(MONAILabelApp):
         for note in self.sam_config.labels_notes:
             logger.warning(f"label names: {note}")
         self.served = ServedModel(self.sam_config)  # built once, shared by sam_2d and sam_3d
+        self.encode_ahead = EncodeAhead(self.served)  # an opened image is encoded in the background
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -79,6 +81,7 @@ class MyApp(MONAILabelApp):
         from lib import http_guard
 
         http_guard.install()  # checked routes and 4xx answers in front of MONAI Label's endpoints
+        install_download_hook(self.encode_ahead)  # Slicer downloading an image opens it
         super().on_init_complete()
 
     def infer(self, request: dict[str, Any], datastore: Any = None) -> dict[str, Any]:
@@ -87,6 +90,12 @@ class MyApp(MONAILabelApp):
         if uri is not None:  # an id: read the datastore's own file, never a path named like the id
             request = {**request, "image": uri}
         return super().infer(request, datastore)
+
+    def next_sample(self, request: dict[str, Any]) -> dict[str, Any]:
+        """MONAI Label's next sample; Slicer opens the image it names, so its slices are encoded ahead."""
+        sample = super().next_sample(request)
+        opened_sample(self.encode_ahead, sample)
+        return sample
 
     def check_train_request(self, model: str, params: dict[str, Any]) -> None:
         """Check a training request before MONAI Label schedules it (``lib/http_guard.py`` calls this).

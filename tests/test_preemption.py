@@ -168,3 +168,18 @@ def test_centre_out_order():
     assert centre_out(5) == [2, 3, 1, 4, 0]
     assert centre_out(4) == [2, 3, 1, 0]
     assert centre_out(1) == [0] and centre_out(0) == []
+
+
+def test_an_encoder_with_stop_checks_still_exports_the_same_model(tiny_sam, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from sam_medical.inference import onnx_export
+    from sam_medical.inference.onnx_engine import OnnxEngine
+    from sam_medical.model import forward as sf
+
+    preemption.make_stoppable(tiny_sam.image_encoder)
+    onnx_export.export_onnx(tiny_sam, tmp_path)
+    engine = OnnxEngine(tmp_path, sf.input_size(tiny_sam))
+    images = torch.rand(1, 3, 256, 256)
+    with torch.inference_mode():
+        want = sf.encode(tiny_sam, images)
+    torch.testing.assert_close(engine.encode(images), want, atol=1e-3, rtol=1e-3)

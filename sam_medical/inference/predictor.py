@@ -44,7 +44,7 @@ import torch
 from sam_medical.inference.caches import CacheKey, EmbeddingCache
 from sam_medical.inference.decoding import canvas_logits, check_multimask, decode_prompts
 from sam_medical.inference.engines import Engine, TorchEngine
-from sam_medical.inference.preemption import EncoderGate, encode_stoppable
+from sam_medical.inference.preemption import EncoderGate, encode_stoppable, make_stoppable
 from sam_medical.inference.prefetch import Prefetcher
 from sam_medical.inference.volume_slices import (
     PreparedVolume,
@@ -128,6 +128,7 @@ class VolumePredictor:
         self.modality, self.window_name = window_options(window)
         self._window_tag = self.window_name or self.modality
         self._gate = EncoderGate()
+        make_stoppable(sam.image_encoder)  # a background PyTorch encode can be stopped by a click
         self._decode_lock = threading.Lock()
         self._prepared = PreparedVolumes(self.modality, self.window_name)
         self._active_clicks = 0

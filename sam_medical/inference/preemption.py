@@ -16,8 +16,9 @@ How an encode in flight is stopped depends on the engine (:func:`encode_stoppabl
   between graph nodes; measured: the run ends about 30 ms later);
 * OpenVINO: the background run uses its own infer request on the same compiled model and is
   ``cancel()``-ed (measured: about 30 ms);
-* PyTorch: forward pre-hooks on every module of the image encoder raise :class:`Preempted` in the
-  background thread once its signal is stopped (they do nothing in any other thread);
+* PyTorch: forward pre-hooks on every module of the image encoder (:func:`make_stoppable`) raise
+  :class:`Preempted` in the background thread once its signal is stopped (they do nothing in any other
+  thread);
 * any other engine cannot be stopped: the click waits for it (still only one encode at a time).
 
 Images are ``(B, 3, S, S)`` float model inputs; embeddings ``(B, C, h, w)`` float32, as
@@ -164,10 +165,7 @@ def encode_stoppable(engine: Any, images: torch.Tensor) -> torch.Tensor:
     request = getattr(encoder, "request", None)
     if request is not None:
         return _openvino_encode(encoder, request, images, signal)
-    sam = getattr(engine, "sam", None)
-    if sam is not None:
-        _hook_encoder(sam.image_encoder)
-    out = engine.encode(images)
+    out = engine.encode(images)  # PyTorch: stopped by the pre-hooks of make_stoppable, if put there
     signal.check()
     return out
 
@@ -219,8 +217,10 @@ def _stop_point(module: torch.nn.Module, args: Any) -> None:
         signal.check()
 
 
-def _hook_encoder(encoder: torch.nn.Module) -> None:
-    """Put :func:`_stop_point` before every module of ``encoder`` (once: a deep copy keeps them)."""
+def make_stoppable(encoder: torch.nn.Module) -> None:
+    """Put a stop check before every module of the image encoder ``encoder`` (once; a deep copy keeps
+    them), so that a background PyTorch encode can be stopped. Call it before the model is shared with
+    other threads (e.g. an export worker); outside a background encode the checks do nothing."""
     with _hook_lock:
         if any(hook is _stop_point for hook in encoder._forward_pre_hooks.values()):
             return

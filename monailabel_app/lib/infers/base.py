@@ -15,6 +15,14 @@ The answer's mask holds the segment's value in the datastore's label maps (``liv
 Slicer imports the one value of the answer into the clicked segment.
 * ``result_extension`` (``.nrrd``) and ``result_dtype`` (``uint8``).
 
+The answer's ``latency`` gives every stage of the request, in seconds: ``parse`` (request and prompt
+checks), ``load`` (the volume: read, or a cache hit), ``prepare`` (the window, once per volume),
+``wait`` (for the encoder: a background encode is stopped, never waited for), ``canvas``, ``encode``
+(0 when the embedding was cached), ``decode`` (the prompt decoder, with any click strategy), ``map_back``
+(logits to the label volume), ``write`` (the answer file), ``queue`` (background encodes queued),
+``segment`` (the task's work from load to write) and ``total``. MONAI Label's own handling and the
+transfer come on top (``bench/click_latency.py`` reports them as ``http``).
+
 A user's mistake raises :class:`fastapi.HTTPException` (422, JSON ``{"detail": "..."}``): MONAI Label's
 infer endpoint lets it through to FastAPI, which answers it and keeps serving.
 """
@@ -200,8 +208,9 @@ class SamInferTask(InferTask):
         adapter = request.get("adapter")
         adapter = str(adapter[0] if isinstance(adapter, list) and adapter else adapter or "") or None
         predictor = self.served.predictor(adapter)
+        t_parse = time.perf_counter()
         image_key, volume, load_state = self.served.volumes.load(path)
-        t_load = time.perf_counter() - t0
+        t_load = time.perf_counter()
         label = request.get("label")
         label = str(label[0] if isinstance(label, list) and label else label or "") or next(
             iter(self.served.config.labels)
@@ -212,23 +221,24 @@ class SamInferTask(InferTask):
             t_seg = time.perf_counter()
             if label_value != 1:  # the 0/1 mask becomes 0/value, in place (volumes can be large)
                 np.multiply(out, np.uint8(label_value), out=out)
+            t_value = time.perf_counter()
             result = self._write(out.astype(dtype, copy=False), volume, ext)
-            t_write = time.perf_counter() - t_seg
+        t_written = time.perf_counter()
         if on_done is not None:
-            on_done()
-        timings = extra.pop("timings", {})
-        total = time.perf_counter() - t0
+            on_done()  # e.g. queue the background encodes
+        t_end = time.perf_counter()
+        stages = {"parse": t_parse - t0, "load": t_load - t_parse}
+        for name, seconds in extra.pop("timings", {}).items():  # the task's own stages
+            stages[name] = stages.get(name, 0.0) + seconds
+        stages["map_back"] = stages.get("map_back", 0.0) + t_value - t_seg
+        stages.update(
+            segment=t_seg - t_load, write=t_written - t_value, queue=t_end - t_written, total=t_end - t0
+        )
         answer = {
             "model_version": predictor.model_version,
             "label_names": {label: label_value},
             "volume": {"load": load_state, "shape": list(volume.shape)},
-            "latency": {
-                "load": round(t_load, 4),
-                **{k: v for k, v in timings.items() if k in ("encode", "decode")},
-                "segment": round(t_seg - t0 - t_load, 4),
-                "write": round(t_write, 4),
-                "total": round(total, 4),
-            },
+            "latency": {name: round(seconds, 4) for name, seconds in stages.items()},
             **extra,
             "cache": predictor.stats(),
         }
