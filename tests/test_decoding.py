@@ -13,9 +13,9 @@ from sam_medical.inference.decoding import (
     canvas_logits,
     check_multimask,
     choose_mask,
-    decode_prompts,
 )
 from sam_medical.inference.engines import TorchEngine
+from sam_medical.inference.strategies import decode_prompts
 from sam_medical.model import forward as sf
 
 

@@ -187,8 +187,9 @@ def test_lite_medsam_export_is_exact_and_batch_dynamic(export_cache):
 def test_build_engine_gives_torch_and_onnx_with_equal_masks(tiny_model, tmp_path, canvases):
     import numpy as np
 
-    from sam_medical.inference.decoding import CanvasPrompt, canvas_logits, decode_prompts
+    from sam_medical.inference.decoding import CanvasPrompt, canvas_logits
     from sam_medical.inference.runtime import build_engine
+    from sam_medical.inference.strategies import decode_prompts
 
     sam, info = tiny_model
     torch_engine = build_engine(sam, "torch", base_info=info)

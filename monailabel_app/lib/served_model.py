@@ -51,6 +51,7 @@ from sam_medical.inference.export_cache import adapter_identity
 from sam_medical.inference.export_check import warm_up
 from sam_medical.inference.onnx_export import ExportError
 from sam_medical.inference.predictor import VolumePredictor
+from sam_medical.inference.strategies import click_strategy
 from sam_medical.model.registry import get_family
 
 from .served_export import ServedRuntime
@@ -148,11 +149,12 @@ class ServedModel:
         return self._make_predictor(self._base, BASE_VERSION)
 
     def _make_predictor(
-        self, sam: Any, version: str, adapter: dict[str, Any] | None = None
+        self, sam: Any, version: str, adapter: dict[str, Any] | None = None, meta: dict[str, Any] | None = None
     ) -> VolumePredictor:
         """A predictor on PyTorch; with an exported runtime, its export is attached in the background.
 
-        ``adapter``: ``{"version", "sha256"}`` of the merged adapter file (None for the base model).
+        ``adapter``: ``{"version", "sha256"}`` of the merged adapter file (None for the base model);
+        ``meta``: that adapter's metadata (its ``trained_prompts`` choose the click strategy).
         """
         pred = VolumePredictor(
             sam,
@@ -161,6 +163,7 @@ class ServedModel:
             window=self.config.window,
             multimask=check_multimask(self.config.multimask, "--conf multimask"),
             engine=TorchEngine(sam, precision=self.config.precision),
+            click_strategy=click_strategy(self.trained_prompts(meta), self.config.click_strategy),
         )
         self.runtimes.attach(pred, self.base_info or {}, adapter)
         return pred
@@ -201,7 +204,14 @@ class ServedModel:
             f"sam_medical: adapter {version} loaded (rank {meta['rank']}, val_dice {meta.get('val_dice')})"
         )
         adapter = adapter_identity(path, version) if self.runtimes.exported else None
-        return self._make_predictor(sam, version, adapter)
+        return self._make_predictor(sam, version, adapter, meta)
+
+    def trained_prompts(self, meta: dict[str, Any] | None = None) -> tuple[str, ...]:
+        """The prompt kinds the served weights learned: an adapter's recorded ``trained_prompts``, else the
+        model family's (none for random weights)."""
+        if meta is not None and meta.get("trained_prompts"):
+            return tuple(str(k) for k in meta["trained_prompts"])
+        return () if self.config.random_weights else get_family(self.config.model).trained_prompts
 
     def _follow_current(self) -> None:
         """Swap in the version ``current.json`` names, if it changed since the last look.
@@ -311,6 +321,7 @@ class ServedModel:
             "provenance": family["provenance"],
             "license": family["license"],
             "prompts_trained": family["prompts_trained"],
+            "click_strategy": self._current.click_strategy if self._current is not None else None,
             "weights_digest": (self.base_info or {}).get("weights_digest") or family["weights_digest"],
             "image_size": cfg.image_size,
             "random_weights": cfg.random_weights,

@@ -21,6 +21,7 @@ and every task reads its settings from the one :class:`SamAppConfig` parsed here
 | ``precision`` | ``fp32`` | ``fp16`` or ``bf16``: autocast of runtime ``torch`` on CUDA only (not measured; fails agreement on the CPU) |
 | ``export_dir`` | ``<app>/model/exports`` | cache of the ONNX exports (one folder per weights digest, adapter and versions) |
 | ``multimask`` | ``false`` | ``auto``: for a single click, best of SAM's three masks |
+| ``click_strategy`` | ``auto`` | how clicks are answered: ``click_to_box`` (boxes placed around the clicks, for a model trained with boxes only), ``direct`` (the clicks go to the decoder), ``auto`` (what the served weights were trained with: the registry's ``trained_prompts``, or the adapter's) |
 | ``labels`` | (datastore) | label names shown in Slicer: ``liver,spleen`` (values 1, 2, ...) or ``liver=1,kidney=3``; default: the datastore's (``labels.json`` beside the studies, else the names its saved labels' info records), else ``object`` |
 | ``max_points`` | ``64`` | most foreground + background points accepted in one request (1..10000) |
 | every option of ``sam_lora``'s table (``epochs``, ``learning_rate``, ``lora_rank``, ...) | ``sam-medical train``'s | training defaults (a train request may override them), with the same bounds: the options and the measured recipe are declared once in :mod:`sam_medical.training.config` (:func:`~sam_medical.training.config.app_options`; ``lora_rank`` 0 with ``train_decoder``: the mask decoder alone, on cached embeddings) |
@@ -36,6 +37,7 @@ from typing import Any
 
 from sam_medical.errors import UserInputError
 from sam_medical.inference.engines import check_precision, check_runtime
+from sam_medical.inference.strategies import check_click_strategy
 from sam_medical.model.build import build_sam
 from sam_medical.model.registry import DEFAULT_MODEL, MODEL_NAMES, check_image_size
 from sam_medical.prompts import check_prompt_mode
@@ -154,6 +156,7 @@ class SamAppConfig:
     precision: str = "fp32"
     export_dir: str | None = None
     multimask: str = "false"
+    click_strategy: str = "auto"
     #: ``{name: value}`` (MONAI Label's ``labels``): the segment names Slicer offers, and the value each
     #: has in the datastore's label maps.
     labels: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_LABELS))
@@ -231,6 +234,7 @@ class SamAppConfig:
             precision=check_precision(c.get("precision", "fp32"), "--conf precision"),
             export_dir=_resolved(c.get("export_dir")),
             multimask=multimask,
+            click_strategy=check_click_strategy(c.get("click_strategy", "auto"), "--conf click_strategy"),
             labels=labels,
             labels_source=source,
             labels_notes=tuple(notes),

@@ -90,6 +90,14 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
         "click), on (every prompt) or off (the single-mask output)",
     )
     p.add_argument(
+        "--click-strategy",
+        default="auto",
+        metavar="{auto,direct,click_to_box}",
+        help="how clicks are answered, as served: auto (default: by what the weights were trained with; "
+        "click_to_box for a box-only model such as medsam_lite), direct (clicks to the decoder) or "
+        "click_to_box (boxes placed around the clicks, the best by predicted IoU)",
+    )
+    p.add_argument(
         "--runtime",
         default="auto",
         metavar="{auto,torch,onnx,openvino}",
@@ -141,10 +149,12 @@ def run(args: argparse.Namespace) -> int:
     from sam_medical.evaluation.config import ModelSpec, PromptSettings  # torch: keeps --help fast
     from sam_medical.inference.decoding import check_multimask  # torch: keeps --help fast
     from sam_medical.inference.engines import check_runtime  # torch: keeps --help fast
+    from sam_medical.inference.strategies import check_click_strategy  # torch: keeps --help fast
     from sam_medical.model.build import check_image_size, check_model_name  # torch: keeps --help fast
 
     check_runtime(args.runtime, "--runtime")
     check_multimask(args.multimask, "--multimask")
+    check_click_strategy(args.click_strategy, "--click-strategy")
     check_model_name(args.model)
     check_image_size(args.image_size, args.model)
     if args.baseline_checkpoint and not args.baseline_model:
@@ -214,6 +224,7 @@ _SAME_NAMED_OPTIONS = (
     "batch_prompts",
     "batch_images",
     "multimask",
+    "click_strategy",
     "runtime",
     "export_dir",
     "propagate",

@@ -16,6 +16,7 @@ from typing import Any
 from sam_medical.errors import UserInputError
 from sam_medical.inference.decoding import check_multimask
 from sam_medical.inference.engines import check_runtime
+from sam_medical.inference.strategies import check_click_strategy
 from sam_medical.model.checkpoints import default_cache_dir
 from sam_medical.prompts import EVAL_KINDS
 
@@ -97,6 +98,8 @@ class EvalConfig:
     ``openvino``); ``export_dir``: the cache of verified exports (``None``: the user cache,
     :func:`default_export_dir`). ``multimask``: the served rule picking among SAM's three masks (``auto``:
     three masks only for a lone click; ``on``; ``off``; ``True``/``False`` mean ``on``/``off``).
+    ``click_strategy``: how clicks are decoded, as served (``auto``: by the weights' ``trained_prompts``,
+    :func:`sam_medical.inference.strategies.click_strategy`; ``direct``; ``click_to_box``).
     ``propagate``: also score ``sam_3d`` (one prompt per object, propagated through the file's slices).
     """
 
@@ -112,6 +115,7 @@ class EvalConfig:
     batch_prompts: int = 32
     batch_images: int = 0
     multimask: str | bool = "auto"
+    click_strategy: str = "auto"
     runtime: str = "auto"
     export_dir: str | os.PathLike | None = None
     propagate: bool = False
@@ -127,6 +131,7 @@ class EvalConfig:
             raise UserInputError(f"--batch-images must be >= 0 (0: automatic), got {self.batch_images}")
         self.multimask = check_multimask(self.multimask)
         self.runtime = check_runtime(self.runtime, "--runtime")
+        self.click_strategy = check_click_strategy(self.click_strategy, "--click-strategy")
 
 
 def default_export_dir() -> Path:

@@ -68,6 +68,7 @@ class FilePredictor(VolumePredictor):
             "evaluation",
             served.cache,
             multimask=served.multimask,
+            click_strategy=served.click_strategy,
             decode_threads=None,
             engine=served.engine,
         )

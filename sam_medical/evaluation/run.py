@@ -119,6 +119,7 @@ def _models(
             export_dir=export_dir,
             batch_prompts=config.batch_prompts,
             multimask=config.multimask,
+            click_strategy=config.click_strategy,
         )
 
     if model is None:

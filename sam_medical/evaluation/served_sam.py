@@ -25,12 +25,15 @@ from sam_medical.evaluation.config import ModelSpec
 from sam_medical.evaluation.outputs import jsonable
 from sam_medical.evaluation.slice_requests import ObjectPrompt, ObjectRef, SlicePrediction, SliceRequest
 from sam_medical.inference.caches import EmbeddingCache
-from sam_medical.inference.decoding import CanvasPrompt, canvas_logits, check_multimask, decode_prompts
+from sam_medical.inference.decoding import DIRECT, CanvasPrompt, canvas_logits, check_multimask
 from sam_medical.inference.engines import Engine, TorchEngine
 from sam_medical.inference.export_cache import adapter_identity
 from sam_medical.inference.runtime import build_engine
+from sam_medical.inference.strategies import click_strategy as click_strategy_for
+from sam_medical.inference.strategies import decode_prompts
 from sam_medical.model import forward as sf
 from sam_medical.model.build import build_sam
+from sam_medical.model.registry import get_family
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
@@ -47,6 +50,8 @@ class ServedSam:
         engine: what runs encoder and decoder (default: :class:`TorchEngine` over ``sam``).
         batch_prompts: at most this many prompts per decoder call.
         multimask: the served rule (``auto``, ``on``, ``off``; booleans mean ``on``/``off``).
+        click_strategy: how prompts with clicks are decoded (``direct`` or ``click_to_box``, resolved as
+            served by :func:`~sam_medical.inference.strategies.click_strategy`).
         info: describes the model for the summary and the report.
         cache: the embedding cache (default: :data:`EMBEDDING_CACHE_BYTES`); keys are
             ``(case, row)``-based, see :meth:`embedding_key`.
@@ -61,11 +66,13 @@ class ServedSam:
         multimask: str | bool = "auto",
         info: dict[str, Any] | None = None,
         cache: EmbeddingCache | None = None,
+        click_strategy: str = DIRECT,
     ) -> None:
         self.sam = sam
         self.engine: Engine = engine if engine is not None else TorchEngine(sam)
         self.batch_prompts = int(batch_prompts)
         self.multimask = check_multimask(multimask)
+        self.click_strategy = str(click_strategy)
         self.info = info or {}
         self.cache = cache if cache is not None else EmbeddingCache(EMBEDDING_CACHE_BYTES)
 
@@ -98,15 +105,25 @@ class ServedSam:
         """Each request's prompts decoded on its image's embedding."""
         if not requests:
             return []
-        return [self.decode(e, r.prompts) for e, r in zip(self.embeddings(requests), requests, strict=True)]
+        embeddings = self.embeddings(requests)
+        return [self.decode(e, r.prompts, r.image) for e, r in zip(embeddings, requests, strict=True)]
 
     def session(self, image: np.ndarray, objects: Sequence[ObjectRef] = ()) -> _ServedSession:
         """Encode ``image`` once (or take it from the cache); the session decodes any prompts on it."""
-        return _ServedSession(self, self.embeddings([SliceRequest(image, [], list(objects))])[0])
+        return _ServedSession(self, self.embeddings([SliceRequest(image, [], list(objects))])[0], image)
 
-    def decode(self, embedding: torch.Tensor, prompts: Sequence[ObjectPrompt]) -> SlicePrediction:
-        """``prompts`` on one image ``embedding (1, C, h, w)`` (:func:`decode_prompts`), in their order."""
-        canvas = [CanvasPrompt(p.points, p.point_labels, p.box) for p in prompts]
+    def decode(
+        self, embedding: torch.Tensor, prompts: Sequence[ObjectPrompt], image: np.ndarray | None = None
+    ) -> SlicePrediction:
+        """``prompts`` on one image ``embedding (1, C, h, w)`` (:func:`decode_prompts`), in their order;
+        prompts with clicks get :attr:`click_strategy` and the canvas ``image (256, 256, 3)`` uint8."""
+        gray = image[..., 0] if image is not None else None
+        canvas = [
+            CanvasPrompt(p.points, p.point_labels, p.box)
+            if p.points is None or self.click_strategy == DIRECT
+            else CanvasPrompt(p.points, p.point_labels, p.box, strategy=self.click_strategy, image=gray)
+            for p in prompts
+        ]
         decoded = decode_prompts(self.engine, embedding, canvas, self.multimask, self.batch_prompts)
         ious = np.asarray([d.iou for d in decoded], np.float32)
         return SlicePrediction(canvas_logits(decoded), ious)
@@ -115,12 +132,13 @@ class ServedSam:
 class _ServedSession:
     """A slice session of :class:`ServedSam`: one embedding, decoded for any prompts."""
 
-    def __init__(self, owner: ServedSam, embedding: torch.Tensor) -> None:
+    def __init__(self, owner: ServedSam, embedding: torch.Tensor, image: np.ndarray) -> None:
         self.owner = owner
         self.embedding = embedding
+        self.image = image
 
     def predict(self, prompts: Sequence[ObjectPrompt], objects: Sequence[ObjectRef]) -> SlicePrediction:
-        return self.owner.decode(self.embedding, prompts)
+        return self.owner.decode(self.embedding, prompts, self.image)
 
 
 def build_served_sam(
@@ -131,6 +149,7 @@ def build_served_sam(
     export_dir: str | Path,
     batch_prompts: int = 32,
     multimask: str | bool = "auto",
+    click_strategy: str = "auto",
 ) -> ServedSam:
     """Build ``spec``'s SAM (:func:`~sam_medical.model.build.build_sam`), load its adapter (which refuses an
     adapter made for another base model) and merge it as the app does, and run it on ``runtime`` as served (an export is verified
@@ -144,8 +163,10 @@ def build_served_sam(
     )
     info: dict[str, Any] = {"kind": "sam", **base_info, "adapter": None}
     identity = None
+    trained = () if spec.random_weights else get_family(spec.name).trained_prompts
     if spec.adapter is not None:
         meta = load_adapter(sam, spec.adapter, base_info=base_info)
+        trained = tuple(meta.get("trained_prompts") or trained)
         merge_lora(sam)  # as served: the LoRA updates folded into the weights (what an export holds)
         info["adapter"] = {"path": str(Path(spec.adapter).resolve()), **jsonable(meta)}
         identity = adapter_identity(spec.adapter, str(meta.get("version") or Path(spec.adapter).name))
@@ -155,5 +176,8 @@ def build_served_sam(
     )
     info["device"] = str(device)
     info["multimask"] = check_multimask(multimask)
+    info["click_strategy"] = strategy = click_strategy_for(trained, click_strategy)
     info["runtime"] = jsonable(engine.describe())
-    return ServedSam(sam, engine, batch_prompts=batch_prompts, multimask=multimask, info=info)
+    return ServedSam(
+        sam, engine, batch_prompts=batch_prompts, multimask=multimask, info=info, click_strategy=strategy
+    )

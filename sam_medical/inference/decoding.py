@@ -1,7 +1,7 @@
 """From canvas prompts to one mask each: the multimask rule, the choice among SAM's three masks, batching.
 
 Serving (:class:`~sam_medical.inference.predictor.VolumePredictor`) and evaluation decode through
-:func:`decode_prompts`; the engines (:mod:`sam_medical.inference.engines`) run the decoder itself.
+:func:`sam_medical.inference.strategies.decode_prompts`; the engines (:mod:`sam_medical.inference.engines`) run the decoder itself.
 
 Conventions:
 
@@ -18,7 +18,7 @@ Conventions:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -64,7 +64,10 @@ class CanvasPrompt:
         point_labels: ``(N,)`` int, 1 foreground / 0 background; given exactly when ``points`` is.
         box: ``(4,)`` canvas ``(x0, y0, x1, y1)``, or None.
         mask_input: ``(1, 1, L, L)`` torch logits of an earlier prediction, or None.
-        strategy: how to decode it (a key of :data:`STRATEGIES`; :data:`DIRECT` by default).
+        strategy: how to decode it (a key of :data:`sam_medical.inference.strategies.STRATEGIES`;
+            :data:`DIRECT` by default).
+        image: ``(256, 256)`` canvas intensities (0-255) of the slice, for strategies that read the image
+            (:mod:`sam_medical.inference.click_to_box`), or None.
     """
 
     points: np.ndarray | None = None
@@ -72,6 +75,7 @@ class CanvasPrompt:
     box: np.ndarray | None = None
     mask_input: torch.Tensor | None = None
     strategy: str = DIRECT
+    image: np.ndarray | None = None
 
     @property
     def n_points(self) -> int:
@@ -90,13 +94,17 @@ class Decoded:
         low_res_logits: ``(1, 1, L, L)`` float32 CPU tensor (e.g. a later prompt's ``mask_input``).
         iou: the decoder's predicted IoU of that mask.
         multimask: whether it was chosen among SAM's three masks.
-        strategy: the strategy that decoded it (:data:`DIRECT`).
+        strategy: the strategy that decoded it (:data:`DIRECT`, or ``"click_to_box"``).
+        box: ``(4,)`` canvas box prompt that produced the mask when a strategy chose one, else None.
+        candidates: how many prompts the strategy decoded to answer this one (1 for :data:`DIRECT`).
     """
 
     low_res_logits: torch.Tensor
     iou: float
     multimask: bool
     strategy: str = DIRECT
+    box: np.ndarray | None = None
+    candidates: int = 1
 
 
 def wants_multimask(rule: str, prompt: CanvasPrompt) -> bool:
@@ -157,43 +165,6 @@ def decode_direct(
                 low, iou = choose_mask(low.float().cpu(), iou.float().cpu())
                 for row, i in enumerate(chunk):
                     out[i] = Decoded(low[row : row + 1].clone(), float(iou[row]), multi, DIRECT)
-    return [d for d in out if d is not None]
-
-
-#: ``strategy name -> function(engine, embedding, prompts, rule, batch) -> [Decoded]`` (answers in order).
-STRATEGIES: dict[str, Callable[[Any, torch.Tensor, Sequence[CanvasPrompt], str, int], list[Decoded]]] = {
-    DIRECT: decode_direct,
-}
-
-
-def decode_prompts(
-    engine: Engine,
-    embedding: torch.Tensor,
-    prompts: Sequence[CanvasPrompt],
-    multimask: str = "auto",
-    batch: int = 32,
-) -> list[Decoded]:
-    """Decode ``prompts`` on one image: one :class:`Decoded` per prompt, in the prompts' order.
-
-    Args:
-        engine: runs the decoder (:class:`~sam_medical.inference.engines.Engine`: torch, ONNX, OpenVINO).
-        embedding: ``(1, C, h, w)`` float32, the image's embedding from ``engine.encode``.
-        prompts: canvas prompts (see :class:`CanvasPrompt`); each is decoded by its ``strategy``.
-        multimask: the rule (:func:`check_multimask` values).
-        batch: at most this many prompts per ``engine.decode`` call.
-    """
-    rule = check_multimask(multimask)
-    by_strategy: dict[str, list[int]] = {}
-    for i, p in enumerate(prompts):
-        if p.strategy not in STRATEGIES:
-            raise ValueError(f"unknown decoding strategy {p.strategy!r}; known: {', '.join(STRATEGIES)}")
-        by_strategy.setdefault(p.strategy, []).append(i)
-    out: list[Decoded | None] = [None] * len(prompts)
-    for name, idx in by_strategy.items():
-        for i, d in zip(
-            idx, STRATEGIES[name](engine, embedding, [prompts[i] for i in idx], rule, batch), strict=True
-        ):
-            out[i] = d
     return [d for d in out if d is not None]
 
 

@@ -33,6 +33,7 @@ served. The model is never modified here (a new adapter version means a new :cla
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -42,10 +43,11 @@ import numpy as np
 import torch
 
 from sam_medical.inference.caches import CacheKey, EmbeddingCache
-from sam_medical.inference.decoding import canvas_logits, check_multimask, decode_prompts
+from sam_medical.inference.decoding import DIRECT, canvas_logits, check_multimask
 from sam_medical.inference.engines import Engine, TorchEngine
 from sam_medical.inference.preemption import EncoderGate, encode_stoppable, make_stoppable
 from sam_medical.inference.prefetch import Prefetcher
+from sam_medical.inference.strategies import decode_prompts
 from sam_medical.inference.volume_slices import (
     PreparedVolume,
     PreparedVolumes,
@@ -99,6 +101,8 @@ class VolumePredictor:
         prefetch_threads: torch intra-op threads of the background encodes (the clicks keep the rest).
         decode_threads: intra-op threads of the (small) mask decoder; 1 avoids OpenMP barrier stalls
             when a background encode holds the other cores (None: leave the thread's setting).
+        click_strategy: how clicks are decoded (:func:`~sam_medical.inference.strategies.click_strategy`):
+            ``"direct"`` (default) or ``"click_to_box"`` (a box-only model's clicks become boxes).
         engine: what runs the encoder and decoder (default: :class:`~sam_medical.inference.engines.TorchEngine`
             over ``sam``).
     """
@@ -115,6 +119,7 @@ class VolumePredictor:
         prefetch_threads: int = 1,
         decode_threads: int | None = 1,
         engine: Engine | None = None,
+        click_strategy: str = DIRECT,
     ) -> None:
         self.sam = sam
         self.engine: Engine = engine if engine is not None else TorchEngine(sam)
@@ -124,6 +129,7 @@ class VolumePredictor:
         self.cache = cache if cache is not None else EmbeddingCache(256 << 20)
         self.window = window
         self.multimask = check_multimask(multimask)
+        self.click_strategy = str(click_strategy)
         self.decode_threads = decode_threads
         self.modality, self.window_name = window_options(window)
         self._window_tag = self.window_name or self.modality
@@ -311,6 +317,9 @@ class VolumePredictor:
             emb, state = self._embed_prepared(prep, k, times)
             t2 = time.perf_counter()
             prompt = canvas_prompt(prep.geometry, fg, bg, box, mask_input)
+            if prompt.n_points and self.click_strategy != DIRECT:  # the image places the boxes
+                image = prep.canvas(k)[..., 0]
+                prompt = dataclasses.replace(prompt, strategy=self.click_strategy, image=image)
             with self._decode_lock, torch.inference_mode(), _intra_op_threads(self.decode_threads):
                 (decoded,) = decode_prompts(self.engine, emb, [prompt], self.multimask)
                 logits_256 = canvas_logits(decoded)  # (256, 256)
@@ -320,6 +329,8 @@ class VolumePredictor:
         times.update(prepare=t1 - t0, decode=t3 - t2, map_back=t4 - t3, total=t4 - t0)
         info = {
             "iou": decoded.iou,
+            "strategy": decoded.strategy,
+            "candidates": decoded.candidates,
             "embedding": state,
             "model_version": self.model_version,
             "slice": k,

@@ -196,7 +196,7 @@ class _WalkLog:
         if state:
             self.states[state] = self.states.get(state, 0) + 1
         entry = {"k": int(k), "area": int(mask.sum()), "iou": round(float(info.get("iou", 0.0)), 4)}
-        entry.update({"embedding": state, "accepted": accepted})
+        entry.update({"embedding": state, "accepted": accepted, "strategy": info.get("strategy")})
         if reason:
             entry["reason"] = reason
         self.per_slice.append(entry)

