@@ -99,3 +99,41 @@ def test_the_download_route_opens_the_image_and_answers_with_the_file(infers, tm
     response = client.get(f"{settings.MONAI_LABEL_API_STR}/datastore/image", params={"image": "img"})
     assert response.status_code == 200 and response.content == b"voxels"
     assert opened == [str(image)]
+
+
+def test_every_stage_of_a_click_is_timed_and_the_stages_do_not_overlap(tmp_path):
+    import numpy as np
+    import torch
+
+    from sam_medical.volume.io import Volume, write_volume
+
+    sys.path.insert(0, str(APP))
+    try:
+        sam_2d = importlib.import_module("lib.infers.sam_2d")
+        served_mod = importlib.import_module("lib.served_model")
+        settings = importlib.import_module("lib.settings")
+    finally:
+        sys.path.remove(str(APP))
+    threads = torch.get_num_threads()
+    cfg = settings.SamAppConfig.from_conf(tmp_path / "app", {"model": "tiny", "prefetch_slices": "2"})
+    served = served_mod.ServedModel(cfg)
+    served.load()
+    torch.set_num_threads(threads)  # load() sets the serving thread's own
+    arr = np.full((48, 40, 5), -1000.0, np.float32)
+    arr[10:30, 8:30, :] = 50.0
+    path = tmp_path / "img.nrrd"
+    write_volume(arr, Volume(arr, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)), path)
+    task = sam_2d.Sam2D(served)
+    request = {"image": str(path), "foreground": [[20, 20, 2]], "slice": 2, "result_extension": ".nrrd"}
+    result, answer = task(request)
+    stages = answer["latency"]
+    parts = ("parse", "load", "prepare", "wait", "canvas", "encode", "decode", "map_back", "write", "queue")
+    assert set(parts) | {"segment", "total"} <= set(stages)
+    assert all(stages[name] >= 0 for name in parts) and stages["encode"] > 0
+    assert sum(stages[name] for name in parts) <= stages["total"] + 0.002  # disjoint (4-decimal rounding)
+    assert answer["embedding"] == "computed" and answer["volume"]["load"] == "loaded"
+    assert served.predictor().prefetch_idle(timeout=60)
+    _, again = task({**request, "foreground": [[21, 20, 2]]})
+    assert again["embedding"] == "cached" and again["latency"]["encode"] == 0.0
+    assert again["cache"]["prefetch"]["encoded"] == 4  # the other slices, neighbours first
+    Path(result).unlink()
