@@ -17,7 +17,8 @@
 #
 # Each step runs under `timeout` (seconds: install 60, tests 180, each training 70, latency 90: 7.8 min
 # at most) and ends with a line {"bench": "gpu_check", "step": ..., "rc": ..., "seconds": ...}
-# (rc 124: timed out). Logs go to $OUT (the device tool brings $OUT back), else /tmp/gpu_check.
+# (rc 124: timed out). Logs go to $OUT (the device tool brings $OUT back, 8 files at most: these are 6,
+# plus the call's own gpu_check.log), else /tmp/gpu_check.
 #
 # ---- The device calls (the lead makes them; nothing here calls the device tool) -------------------
 # Here, first:  bash bench/gpu_bundle.sh    (prints the sizes: part1 35 MiB, part2 9.3 MiB, with the

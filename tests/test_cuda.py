@@ -75,7 +75,7 @@ def test_torch_engine_on_the_gpu_takes_cpu_prompts_and_answers_on_the_cpu(tiny_s
     x = sf.canvas_to_input(tiny_sam, canvases)  # built on the CPU; encode moves it
     emb_cpu, emb_gpu = cpu_engine.encode(x), gpu_engine.encode(x)
     assert emb_gpu.device == torch.device(DEVICE) and emb_gpu.dtype == torch.float32
-    torch.testing.assert_close(emb_gpu.cpu(), emb_cpu, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(emb_gpu.cpu(), emb_cpu, atol=1e-3, rtol=1e-3)
     prompts = _prompts(sf.low_res_size(tiny_sam))
     ref_low, ref_iou = cpu_engine.decode(emb_cpu[1:2], prompts)
     assert ref_low.shape == (3, 3, 64, 64) and ref_iou.shape == (3, 3)
@@ -83,9 +83,9 @@ def test_torch_engine_on_the_gpu_takes_cpu_prompts_and_answers_on_the_cpu(tiny_s
         low, iou = gpu_engine.decode(emb, prompts)
         assert low.device.type == iou.device.type == "cpu"
         assert low.dtype == iou.dtype == torch.float32
-        torch.testing.assert_close(low, ref_low, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(iou, ref_iou, atol=1e-4, rtol=1e-4)
-        assert dice(low > 0, ref_low > 0) >= 0.999
+        torch.testing.assert_close(low, ref_low, atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(iou, ref_iou, atol=1e-3, rtol=1e-3)
+        assert dice(low > 0, ref_low > 0) >= 0.99
 
 
 @needs_gpu
@@ -102,8 +102,8 @@ def test_decode_prompts_through_the_gpu_engine_gives_the_cpu_masks(tiny_sam, can
     got = decode_prompts(gpu_engine, gpu_engine.encode(x), prompts, multimask="auto")
     for r, g in zip(ref, got, strict=True):
         assert g.low_res_logits.device.type == "cpu" and g.multimask == r.multimask
-        torch.testing.assert_close(g.low_res_logits, r.low_res_logits, atol=1e-4, rtol=1e-4)
-        assert g.iou == pytest.approx(r.iou, abs=1e-4)
+        torch.testing.assert_close(g.low_res_logits, r.low_res_logits, atol=1e-3, rtol=1e-3)
+        assert g.iou == pytest.approx(r.iou, abs=1e-3)
 
 
 @needs_cuda
