@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -130,7 +131,8 @@ class FakeOrtSession:
 
 class FakeEncoder:
     def __init__(self, session) -> None:
-        self.session = session
+        if session is not None:
+            self.session = session
 
 
 class FakeOnnxEngine:
@@ -183,3 +185,58 @@ def test_an_encoder_with_stop_checks_still_exports_the_same_model(tiny_sam, tmp_
     with torch.inference_mode():
         want = sf.encode(tiny_sam, images)
     torch.testing.assert_close(engine.encode(images), want, atol=1e-3, rtol=1e-3)
+
+
+class FakeOpenVinoRequest:
+    """Stands in for an OpenVINO infer request: ``wait`` blocks until ``cancel``, then raises."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self._cancelled = threading.Event()
+        self.background: FakeOpenVinoRequest | None = None
+
+    def get_compiled_model(self):
+        return self
+
+    def create_infer_request(self):
+        self.background = FakeOpenVinoRequest()
+        return self.background
+
+    def start_async(self, inputs) -> None:
+        self.started.set()
+
+    def wait(self) -> None:
+        if not self._cancelled.wait(DEADLINE_S):
+            return
+        raise RuntimeError("Infer Request was canceled")
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+
+def test_openvino_background_run_is_cancelled_by_a_click_on_its_own_request():
+    request = FakeOpenVinoRequest()
+    engine = SimpleNamespace(name="openvino", encode_batch=1, _encoder=FakeEncoder(None))
+    engine._encoder.request = request
+    gate = preemption.EncoderGate()
+    outcome: list[str] = []
+
+    def background() -> None:
+        try:
+            with gate.background(["b"]):
+                preemption.encode_stoppable(engine, torch.zeros(1, 3, 16, 16))
+            outcome.append("finished")
+        except preemption.Preempted:
+            outcome.append("preempted")
+
+    worker = threading.Thread(target=background)
+    worker.start()
+    deadline = time.monotonic() + DEADLINE_S
+    while request.background is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert request.background is not None and request.background.started.wait(DEADLINE_S)
+    with gate.foreground(["a"]):
+        outcome.append("click runs")
+    worker.join(DEADLINE_S)
+    assert outcome == ["preempted", "click runs"]
+    assert not request._cancelled.is_set()  # the clicks' own request is never touched
