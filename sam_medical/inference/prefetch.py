@@ -234,6 +234,7 @@ class Prefetcher:
             except Preempted:  # a click needed the encoder: these slices go first next time
                 self.stats.preempted += 1
                 finished = not self._requeue(jobs)
+                time.sleep(0.005)  # the click has the encoder: no busy loop while it runs
             except Exception:  # noqa: BLE001 - a background encode must never kill the worker
                 self.stats.skipped += len(jobs)
             finally:
