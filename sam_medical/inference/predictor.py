@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from sam_medical.inference.caches import CacheKey, EmbeddingCache
-from sam_medical.inference.decoding import DIRECT, canvas_logits, check_multimask
+from sam_medical.inference.decoding import DIRECT, CanvasPrompt, Decoded, canvas_logits, check_multimask
 from sam_medical.inference.engines import Engine, TorchEngine
 from sam_medical.inference.preemption import EncoderGate, encode_stoppable, make_stoppable
 from sam_medical.inference.prefetch import Prefetcher
@@ -300,29 +300,24 @@ class VolumePredictor:
             ``mask (I, J) bool`` and ``info``: ``iou`` (predicted), ``embedding`` (``"cached"`` /
             ``"computed"``), ``model_version``, ``timings`` (seconds: ``prepare`` (checks, window),
             ``wait`` (for the encoder), ``canvas``, ``encode`` (0 when cached), ``decode``, ``map_back``
-            (logits to the ``(I, J)`` mask), ``total``), ``box_ij`` (the clipped box or None), ``low_res_logits`` (a ``(1, 1, L, L)``
-            tensor, e.g. for the next slice's ``mask_input``; not JSON).
+            (logits to the ``(I, J)`` mask), ``total``), ``box_ij`` (the clipped box or None),
+            ``low_res_logits`` (``(1, 1, L, L)``, e.g. the next slice's ``mask_input``; not JSON).
 
         Raises:
             UserInputError: slice out of range, a point outside the slice, a box entirely outside, no
                 prompt at all.
         """
         t0 = time.perf_counter()
-        k, fg, bg, box = check_prompts(volume.shape, k, fg_points_ij, bg_points_ij, box_ij)
-        self._check_mask_input(mask_input)
+        low = sf.low_res_size(self.sam)
+        k, fg, bg, box = check_prompts(volume.shape, k, fg_points_ij, bg_points_ij, box_ij, mask_input, low)
         times: dict[str, float] = {"wait": 0.0, "canvas": 0.0, "encode": 0.0}
         with self.busy():
             prep = self.prepare(image_key, volume)
             t1 = time.perf_counter()
             emb, state = self._embed_prepared(prep, k, times)
             t2 = time.perf_counter()
-            prompt = canvas_prompt(prep.geometry, fg, bg, box, mask_input)
-            if prompt.n_points and self.click_strategy != DIRECT:  # the image places the boxes
-                image = prep.canvas(k)[..., 0]
-                prompt = dataclasses.replace(prompt, strategy=self.click_strategy, image=image)
-            with self._decode_lock, torch.inference_mode(), _intra_op_threads(self.decode_threads):
-                (decoded,) = decode_prompts(self.engine, emb, [prompt], self.multimask)
-                logits_256 = canvas_logits(decoded)  # (256, 256)
+            decoded = self._decode(prep, k, canvas_prompt(prep.geometry, fg, bg, box, mask_input), emb)
+            logits_256 = canvas_logits(decoded)  # (256, 256)
             t3 = time.perf_counter()
             mask = prep.geometry.logits_from_model(logits_256) > 0  # (I, J)
         t4 = time.perf_counter()
@@ -340,12 +335,15 @@ class VolumePredictor:
         }
         return mask, info
 
-    def _check_mask_input(self, mask_input: torch.Tensor | None) -> None:
-        low_size = sf.low_res_size(self.sam)
-        if mask_input is not None and tuple(mask_input.shape) != (1, 1, low_size, low_size):
-            raise ValueError(
-                f"mask_input must be (1, 1, {low_size}, {low_size}), got {tuple(mask_input.shape)}"
-            )
+    def _decode(self, prep: PreparedVolume, k: int, prompt: CanvasPrompt, emb: torch.Tensor) -> Decoded:
+        """The one answer to ``prompt`` on slice ``k`` (:func:`decode_prompts`; a click strategy also
+        gets the slice's canvas, its image places the boxes)."""
+        if prompt.n_points and self.click_strategy != DIRECT:
+            image = prep.canvas(k)[..., 0]
+            prompt = dataclasses.replace(prompt, strategy=self.click_strategy, image=image)
+        with self._decode_lock, torch.inference_mode(), _intra_op_threads(self.decode_threads):
+            (decoded,) = decode_prompts(self.engine, emb, [prompt], self.multimask)
+        return decoded
 
     # -- prefetch ------------------------------------------------------------------------------
     def prefetch(self, image_key: str, volume: Volume, ks: Iterable[int]) -> int:

@@ -153,13 +153,19 @@ def check_prompts(
     fg_points_ij: Iterable[Sequence[float]] | None,
     bg_points_ij: Iterable[Sequence[float]] | None,
     box_ij: Sequence[float] | None,
+    mask_input: torch.Tensor | None = None,
+    low_size: int = 0,
 ) -> tuple[int, np.ndarray, np.ndarray, tuple[int, int, int, int] | None]:
     """Prompts on slice ``k`` of a volume of ``shape`` ``(I, J, K)`` -> ``(k, fg (N, 2), bg (N, 2), box)``:
-    points ``(i, j)`` checked inside the slice, the box ``(i0, i1, j0, j1)`` clipped (None when absent).
+    points ``(i, j)`` checked inside the slice, the box ``(i0, i1, j0, j1)`` clipped (None when absent);
+    ``mask_input``, when given, must be ``(1, 1, low_size, low_size)`` logits.
 
     Raises:
         UserInputError: slice out of range, a point outside the slice, a box entirely outside, no prompt.
+        ValueError: a ``mask_input`` of another shape.
     """
+    if mask_input is not None and tuple(mask_input.shape) != (1, 1, low_size, low_size):
+        raise ValueError(f"mask_input must be (1, 1, {low_size}, {low_size}), got {tuple(mask_input.shape)}")
     i_size, j_size, k_size = shape
     k = check_slice_index(k, k_size)
     fg = as_points(fg_points_ij, "foreground")
