@@ -11,6 +11,7 @@ once the requests are over.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -24,6 +25,16 @@ from sam_medical.inference.preemption import Preempted
 
 if TYPE_CHECKING:
     from sam_medical.inference.volume_slices import PreparedVolume
+
+
+def lowest_priority() -> None:
+    """Give the calling thread the lowest CPU priority (Linux: its own nice value; elsewhere nothing), so
+    that a core shared with a click, the server or anything else serves them first. Encodes run in
+    this thread with one intra-op thread (PyTorch, ONNX Runtime); OpenVINO's own threads are not moved."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not Linux, or not allowed: the priority stays
+        pass
 
 
 class PrefetchOwner(Protocol):
@@ -216,6 +227,7 @@ class Prefetcher:
         # intra-op threads are a per-thread setting (OpenMP): background encodes use few cores and
         # leave the others to the clicks
         torch.set_num_threads(self.threads)
+        lowest_priority()
         while not self._stop.is_set():
             first = self._take()
             if first is None:
