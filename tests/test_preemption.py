@@ -143,10 +143,8 @@ class FakeOnnxEngine:
         self._encoder = FakeEncoder(FakeOrtSession())
 
 
-def test_onnx_runtime_background_run_is_terminated_by_a_click():
-    pytest.importorskip("onnxruntime")
-    engine = FakeOnnxEngine()
-    gate = preemption.EncoderGate()
+def background_encode(gate: preemption.EncoderGate, engine) -> tuple[threading.Thread, list[str]]:
+    """A started thread encoding with ``engine`` in the background, and the list it reports its outcome to."""
     outcome: list[str] = []
 
     def background() -> None:
@@ -159,6 +157,14 @@ def test_onnx_runtime_background_run_is_terminated_by_a_click():
 
     worker = threading.Thread(target=background)
     worker.start()
+    return worker, outcome
+
+
+def test_onnx_runtime_background_run_is_terminated_by_a_click():
+    pytest.importorskip("onnxruntime")
+    engine = FakeOnnxEngine()
+    gate = preemption.EncoderGate()
+    worker, outcome = background_encode(gate, engine)
     assert engine._encoder.session.started.wait(DEADLINE_S)
     with gate.foreground(["a"]):
         outcome.append("click runs")
@@ -219,18 +225,7 @@ def test_openvino_background_run_is_cancelled_by_a_click_on_its_own_request():
     engine = SimpleNamespace(name="openvino", encode_batch=1, _encoder=FakeEncoder(None))
     engine._encoder.request = request
     gate = preemption.EncoderGate()
-    outcome: list[str] = []
-
-    def background() -> None:
-        try:
-            with gate.background(["b"]):
-                preemption.encode_stoppable(engine, torch.zeros(1, 3, 16, 16))
-            outcome.append("finished")
-        except preemption.Preempted:
-            outcome.append("preempted")
-
-    worker = threading.Thread(target=background)
-    worker.start()
+    worker, outcome = background_encode(gate, engine)
     deadline = time.monotonic() + DEADLINE_S
     while request.background is None and time.monotonic() < deadline:
         time.sleep(0.001)
