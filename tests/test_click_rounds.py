@@ -14,6 +14,7 @@ import torch
 
 from sam_medical.adapters.files import read_adapter_meta
 from sam_medical.canvas.slice_file import save_npz
+from sam_medical.errors import UserInputError
 from sam_medical.model.build import build_sam
 from sam_medical.prompts import tight_box
 from sam_medical.training.click_rounds import (
@@ -179,3 +180,11 @@ def test_a_short_run_in_click_rounds_learns_and_records_trained_prompts(tmp_path
     assert meta["trained_prompts"] == ["box", "point"]
     assert read_adapter_meta(tmp_path / "run" / "last.pt")["trained_prompts"] == ["box", "point"]
     assert TrainConfig(data="d", out="o").trained_prompts() == ["box"]
+
+
+@pytest.mark.parametrize(
+    "bad", [{"click_rounds": -1}, {"click_rounds": 1.5}, {"first_click_prob": 1.5}, {"iou_weight": -1.0}]
+)
+def test_bad_click_round_options_are_user_errors(bad: dict):
+    with pytest.raises(UserInputError, match=next(iter(bad)).replace("_", "-")):
+        TrainConfig(data="d", out="o", **bad).check()

@@ -141,9 +141,8 @@ class TrainConfig:
     drop_prob: float = _opt(0.5, "mixed prompts: probability of dropping the box or the clicks", PROMPTS)
     click_rounds: int = _opt(
         0,
-        "interactive training as SAM trains: prompt rounds per item (first a jittered box or one click, then "
-        "a click in the last mask's error region, its logits fed back; a lone click trains 3 masks, the best "
-        "one's loss; the IoU head learns the true IoU). 0: the fixed prompts of --prompt",
+        "interactive training as SAM trains: prompt rounds per item, a jittered box or one click, then clicks in "
+        "the last mask's error region with its logits fed back (0: the fixed prompts of --prompt)",
         PROMPTS,
         app=App(low=0, high=32),
     )
@@ -213,8 +212,10 @@ class TrainConfig:
             raise UserInputError("--data and --out are required")
         if self.max_steps is not None and self.max_steps < 1:
             raise UserInputError(f"--max-steps must be >= 1, got {self.max_steps}")
-        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
-            raise UserInputError(f"--lora-rank must be a whole number >= 0, got {self.lora_rank!r}")
+        for name in ("lora_rank", "click_rounds"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise UserInputError(f"--{name.replace('_', '-')} must be a whole number >= 0, got {value!r}")
         if self.lora_rank == 0 and not self.train_decoder:
             raise UserInputError("--lora-rank 0 trains no LoRA: add --train-decoder, or nothing would train")
         if self.feature_cache_mb < 0:
@@ -227,8 +228,8 @@ class TrainConfig:
                 raise UserInputError(f"--{name.replace('_', '-')} must be a finite number, got {value!r}")
         if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
             raise UserInputError(f"--lora-alpha must be a positive number, got {self.lora_alpha!r}")
-        if self.lr <= 0 or self.weight_decay < 0:
-            raise UserInputError("--lr must be > 0 and --weight-decay >= 0")
+        if self.lr <= 0 or self.weight_decay < 0 or self.iou_weight < 0:
+            raise UserInputError("--lr must be > 0, --weight-decay and --iou-weight >= 0")
         if self.dice_weight < 0 or self.ce_weight < 0 or self.dice_weight + self.ce_weight <= 0:
             raise UserInputError("--dice-weight and --ce-weight must be >= 0 and not both 0")
         if self.warmup_steps is not None and self.warmup_steps < 0:
@@ -236,18 +237,8 @@ class TrainConfig:
         if self.box_jitter < 0 or self.num_bg_points < 0 or self.workers < 0 or self.log_every < 0:
             raise UserInputError("--box-jitter, --num-bg-points, --workers and --log-every must be >= 0")
         for name in ("drop_prob", "first_click_prob"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise UserInputError(
-                    f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}"
-                )
-        if (
-            isinstance(self.click_rounds, bool)
-            or not isinstance(self.click_rounds, int)
-            or self.click_rounds < 0
-        ):
-            raise UserInputError(f"--click-rounds must be a whole number >= 0, got {self.click_rounds!r}")
-        if self.iou_weight < 0:
-            raise UserInputError(f"--iou-weight must be >= 0, got {self.iou_weight}")
+            if not 0.0 <= (value := getattr(self, name)) <= 1.0:
+                raise UserInputError(f"--{name.replace('_', '-')} must be in [0, 1], got {value}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise UserInputError(f"--device must be {DEVICE_HELP}, got {self.device!r}")
         if self.val_max_items is not None and self.val_max_items < 1:
