@@ -48,14 +48,18 @@ def test_registry_records_the_trained_prompts() -> None:
 
 
 def test_candidates_are_centred_on_the_click_and_sized_by_the_clicked_region() -> None:
-    boxes = c2b.candidate_boxes(_click(128, 128, image=_disc_image(r=20)))
-    assert len(boxes) == len(c2b.SCALES)
+    candidates = c2b.candidate_boxes(_click(128, 128, image=_disc_image(r=20)))
+    assert len(candidates) == len(c2b.SCALES) + 1  # + the region's own box: a disc fills its box well
+    pad = c2b.REGION_PAD
+    # the disc spans 108..148; the opening trims its one-pixel tips by up to 2 px
+    np.testing.assert_allclose(candidates[-1], [108 - pad, 108 - pad, 148 + pad, 148 + pad], atol=2.01)
+    boxes = candidates[:-1]
     np.testing.assert_allclose((boxes[:, 0] + boxes[:, 2]) / 2, 128, atol=0.5)
     np.testing.assert_allclose((boxes[:, 1] + boxes[:, 3]) / 2, 128, atol=0.5)
     half = (boxes[:, 2] - boxes[:, 0]) / 2
     area_half = np.sqrt(np.pi * 20 * 20) / 2  # the disc's area as a square's half-side
     np.testing.assert_allclose(sorted(half), [area_half * k for k in sorted(c2b.SCALES)], rtol=0.1)
-    bigger = c2b.candidate_boxes(_click(128, 128, image=_disc_image(r=40)))
+    bigger = c2b.candidate_boxes(_click(128, 128, image=_disc_image(r=40)))[:-1]
     np.testing.assert_allclose(np.sort(bigger[:, 2] - bigger[:, 0]), 2 * np.sort(2 * half), rtol=0.1)
 
 
@@ -66,6 +70,8 @@ def test_every_candidate_holds_all_foreground_clicks_and_bg_clicks_edit_the_box(
         assert np.all((boxes[:, 0] <= x - c2b.CLICK_PAD + 1e-3) & (boxes[:, 2] >= x + c2b.CLICK_PAD - 1e-3))
         assert np.all((boxes[:, 1] <= y - c2b.CLICK_PAD + 1e-3) & (boxes[:, 3] >= y + c2b.CLICK_PAD - 1e-3))
     plain = c2b.candidate_boxes(_click(128, 128, image=image))
+    off_centre = c2b.candidate_boxes(_click(140, 128, image=image))  # the region box does not move
+    np.testing.assert_allclose(off_centre[-1], plain[-1])
     edited = c2b.candidate_boxes(_click(128, 128, (138, 128, 0), image=image))
     assert len(edited) > len(plain)
     new = [b for b in edited if not any(np.allclose(b, p) for p in plain)]

@@ -12,6 +12,9 @@ data set. This strategy answers clicks with the model's box skill instead, with 
    for each ``k`` of :data:`SCALES`, each grown to hold every foreground click with :data:`CLICK_PAD` px
    to spare. A prompt that comes with a box (a box plus corrective clicks) starts from that box instead.
    Every background click inside a candidate adds its four edits: one side moved just past the click.
+   The region's own bounding box (grown by :data:`REGION_PAD`) is a candidate too, when the region fills
+   at least :data:`REGION_MIN_FILL` of it: it is right when the click is far from the object's centre
+   (a crescent-shaped organ), and wrong when the region leaked into a neighbour of similar intensity.
 3. **One batched decode** of all candidates through the engine (torch, ONNX Runtime or OpenVINO).
 4. **Chooser.** Per candidate the connected components of ``logits > 0`` that hold a foreground click
    are kept; a candidate is valid when they hold every foreground click, cover no background click and
@@ -51,6 +54,11 @@ SMOOTH_SIGMA = 1.0
 OPENING = 2
 #: Candidate sizes relative to the region's size (one decode each).
 SCALES: tuple[float, ...] = (2**-0.5, 1.0, 2**0.5)
+#: Also a candidate: the clicked region's bounding box grown by :data:`REGION_PAD` px.
+REGION_BOX = True
+REGION_PAD = 2.0
+#: ... only when the region fills at least this share of its box (a leaked region is sparse in its box).
+REGION_MIN_FILL = 0.7
 #: Width / height range of the candidates.
 ASPECT_RANGE = (0.5, 2.0)
 #: Half-size range of the candidates, canvas px.
@@ -146,6 +154,10 @@ def candidate_boxes(prompt: CanvasPrompt) -> np.ndarray:
             s = float(np.clip(size * k, *HALF_SIZE_RANGE))
             hw, hh = s * np.sqrt(aspect), s / np.sqrt(aspect)
             bases.append(_clip_box([x - hw, y - hh, x + hw, y + hh]))
+        fill = float(region.sum()) / float((cols[-1] - cols[0] + 1) * (rows[-1] - rows[0] + 1))
+        if REGION_BOX and fill >= REGION_MIN_FILL:  # the region's box, unless the region leaked
+            pad = REGION_PAD
+            bases.append(_clip_box([cols[0] - pad, rows[0] - pad, cols[-1] + pad, rows[-1] + pad]))
     boxes = [e for b in bases for e in _edits(_grow_to_hold(b, fg) if len(fg) else b, fg, bg)]
     unique = {tuple(np.round(b, 1)): b for b in boxes}
     return np.stack(list(unique.values()))
