@@ -74,7 +74,7 @@ def test_torch_engine_on_the_gpu_takes_cpu_prompts_and_answers_on_the_cpu(tiny_s
     gpu_engine = TorchEngine(copy.deepcopy(tiny_sam).to(DEVICE))
     x = sf.canvas_to_input(tiny_sam, canvases)  # built on the CPU; encode moves it
     emb_cpu, emb_gpu = cpu_engine.encode(x), gpu_engine.encode(x)
-    assert emb_gpu.device == torch.device(DEVICE) and emb_gpu.dtype == torch.float32
+    assert emb_gpu.device.type == torch.device(DEVICE).type and emb_gpu.dtype == torch.float32
     torch.testing.assert_close(emb_gpu.cpu(), emb_cpu, atol=1e-3, rtol=1e-3)
     prompts = _prompts(sf.low_res_size(tiny_sam))
     ref_low, ref_iou = cpu_engine.decode(emb_cpu[1:2], prompts)
