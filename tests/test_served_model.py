@@ -216,3 +216,28 @@ def test_runtime_options_at_start(tmp_path, app_lib):
         "state": "ready",
     }
     assert not (tmp_path / "model" / "exports").exists()
+
+
+def test_clicks_and_masks_are_served_as_the_weights_were_trained(app_lib, tmp_path):
+    """Issue 17/18: the strategy and the multimask rule follow ``trained_prompts`` unless set by --conf."""
+    served_mod, configs = app_lib
+    from sam_medical.inference.strategies import click_strategy
+
+    cfg = configs.SamAppConfig.from_conf(tmp_path, {})
+    assert cfg.multimask == "model" and cfg.click_strategy == "auto"
+    served = served_mod.ServedModel(cfg)
+    base = served.trained_prompts(None)
+    assert base == ("box",)  # medsam_lite, the default model
+    assert click_strategy(base, cfg.click_strategy) == "click_to_box"
+    assert served.multimask_rule(None) == "off"
+    clicked = {"trained_prompts": ["box", "point"]}  # an adapter trained with click rounds
+    assert click_strategy(served.trained_prompts(clicked), cfg.click_strategy) == "direct"
+    assert served.multimask_rule(clicked) == "auto"
+    forced = served_mod.ServedModel(configs.SamAppConfig.from_conf(tmp_path, {"multimask": "false"}))
+    assert forced.multimask_rule(clicked) == "off"
+    tiny = served_mod.ServedModel(configs.SamAppConfig.from_conf(tmp_path, {"model": "tiny"}))
+    assert tiny.trained_prompts(None) == () and tiny.multimask_rule(None) == "off"
+    with pytest.raises(UserInputError, match="click_strategy must be one of"):
+        configs.SamAppConfig.from_conf(tmp_path, {"click_strategy": "boxes"})
+    with pytest.raises(UserInputError, match="multimask must be model, false or auto"):
+        configs.SamAppConfig.from_conf(tmp_path, {"multimask": "maybe"})

@@ -161,7 +161,7 @@ class ServedModel:
             version,
             self.cache,
             window=self.config.window,
-            multimask=check_multimask(self.config.multimask, "--conf multimask"),
+            multimask=self.multimask_rule(meta),
             engine=TorchEngine(sam, precision=self.config.precision),
             click_strategy=click_strategy(self.trained_prompts(meta), self.config.click_strategy),
         )
@@ -205,6 +205,13 @@ class ServedModel:
         )
         adapter = adapter_identity(path, version) if self.runtimes.exported else None
         return self._make_predictor(sam, version, adapter, meta)
+
+    def multimask_rule(self, meta: dict[str, Any] | None = None) -> str:
+        """``--conf multimask``; ``model`` (the default): ``auto`` (SAM's three masks for a lone click, the
+        one with the best predicted IoU) for weights trained with clicks, else ``off``."""
+        if self.config.multimask == "model":
+            return "auto" if "point" in self.trained_prompts(meta) else "off"
+        return check_multimask(self.config.multimask, "--conf multimask")
 
     def trained_prompts(self, meta: dict[str, Any] | None = None) -> tuple[str, ...]:
         """The prompt kinds the served weights learned: an adapter's recorded ``trained_prompts``, else the

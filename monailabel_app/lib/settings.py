@@ -20,7 +20,7 @@ and every task reads its settings from the one :class:`SamAppConfig` parsed here
 | ``runtime`` | ``auto`` | what runs the model for clicks: ``torch``, ``onnx`` (ONNX Runtime, CPU), ``openvino`` (OpenVINO encoder, optional extra), or ``auto`` (``onnx`` on the CPU, ``torch`` on CUDA); exports are verified against PyTorch and cached by digest |
 | ``precision`` | ``fp32`` | ``fp16`` or ``bf16``: autocast of runtime ``torch`` on CUDA only (not measured; fails agreement on the CPU) |
 | ``export_dir`` | ``<app>/model/exports`` | cache of the ONNX exports (one folder per weights digest, adapter and versions) |
-| ``multimask`` | ``false`` | ``auto``: for a single click, best of SAM's three masks |
+| ``multimask`` | ``model`` | ``auto``: for a single click, best of SAM's three masks by predicted IoU; ``false``: the single-mask output; ``model``: ``auto`` for weights trained with clicks (SAM; adapters trained with ``click_rounds``, whose IoU head was trained), ``false`` otherwise |
 | ``click_strategy`` | ``auto`` | how clicks are answered: ``click_to_box`` (boxes placed around the clicks, for a model trained with boxes only), ``direct`` (the clicks go to the decoder), ``auto`` (what the served weights were trained with: the registry's ``trained_prompts``, or the adapter's) |
 | ``labels`` | (datastore) | label names shown in Slicer: ``liver,spleen`` (values 1, 2, ...) or ``liver=1,kidney=3``; default: the datastore's (``labels.json`` beside the studies, else the names its saved labels' info records), else ``object`` |
 | ``max_points`` | ``64`` | most foreground + background points accepted in one request (1..10000) |
@@ -155,7 +155,7 @@ class SamAppConfig:
     runtime: str = "auto"
     precision: str = "fp32"
     export_dir: str | None = None
-    multimask: str = "false"
+    multimask: str = "model"
     click_strategy: str = "auto"
     #: ``{name: value}`` (MONAI Label's ``labels``): the segment names Slicer offers, and the value each
     #: has in the datastore's label maps.
@@ -216,9 +216,9 @@ class SamAppConfig:
         window_options(window)  # validates
         adapter = c.get("adapter")
         adapter = str(adapter).strip() if adapter not in (None, "") else None
-        multimask = str(c.get("multimask", "false")).strip().lower()
-        if multimask not in ("false", "auto"):
-            raise UserInputError(f"--conf multimask must be false or auto, got {multimask!r}")
+        multimask = str(c.get("multimask", "model")).strip().lower()
+        if multimask not in ("model", "false", "auto"):
+            raise UserInputError(f"--conf multimask must be model, false or auto, got {multimask!r}")
         labels, source, notes = app_labels(c.get("labels"), studies)
         return cls(
             app_dir=str(Path(app_dir).resolve()),
