@@ -177,9 +177,10 @@ def test_a_short_run_in_click_rounds_learns_and_records_trained_prompts(tmp_path
     assert losses[-1] < losses[0], losses
     assert summary["best_val_dice"] > summary["initial_val_dice"], summary
     meta = read_adapter_meta(tmp_path / "run" / "adapter.pt")
-    assert meta["trained_prompts"] == ["box", "point"]
-    assert read_adapter_meta(tmp_path / "run" / "last.pt")["trained_prompts"] == ["box", "point"]
-    assert TrainConfig(data="d", out="o").trained_prompts() == ["box"]
+    assert meta["trained_prompts"] == ["box", "point", "mask"]
+    assert read_adapter_meta(tmp_path / "run" / "last.pt")["trained_prompts"] == ["box", "point", "mask"]
+    assert TrainConfig(data="d", out="o").trained_prompts() == ["box", "point"]  # mixed: boxes and clicks
+    assert TrainConfig(data="d", out="o", prompt="box").trained_prompts() == ["box"]
 
 
 @pytest.mark.parametrize(

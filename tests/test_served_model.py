@@ -230,7 +230,10 @@ def test_clicks_and_masks_are_served_as_the_weights_were_trained(app_lib, tmp_pa
     assert base == ("box",)  # medsam_lite, the default model
     assert click_strategy(base, cfg.click_strategy) == "click_to_box"
     assert served.multimask_rule(None) == "off"
-    clicked = {"trained_prompts": ["box", "point"]}  # an adapter trained with click rounds
+    mixed = {"trained_prompts": ["box", "point"]}  # today's recipe: boxes and clicks, single-mask token
+    assert click_strategy(served.trained_prompts(mixed), cfg.click_strategy) == "direct"
+    assert served.multimask_rule(mixed) == "off"
+    clicked = {"trained_prompts": ["box", "point", "mask"]}  # an adapter trained with click rounds
     assert click_strategy(served.trained_prompts(clicked), cfg.click_strategy) == "direct"
     assert served.multimask_rule(clicked) == "auto"
     forced = served_mod.ServedModel(configs.SamAppConfig.from_conf(tmp_path, {"multimask": "false"}))

@@ -208,9 +208,10 @@ class ServedModel:
 
     def multimask_rule(self, meta: dict[str, Any] | None = None) -> str:
         """``--conf multimask``; ``model`` (the default): ``auto`` (SAM's three masks for a lone click, the
-        one with the best predicted IoU) for weights trained with clicks, else ``off``."""
+        one with the best predicted IoU) for weights trained as SAM trains, with clicks and fed-back masks
+        (``trained_prompts`` holds ``mask``: SAM, adapters made with click rounds), else ``off``."""
         if self.config.multimask == "model":
-            return "auto" if "point" in self.trained_prompts(meta) else "off"
+            return "auto" if "mask" in self.trained_prompts(meta) else "off"
         return check_multimask(self.config.multimask, "--conf multimask")
 
     def trained_prompts(self, meta: dict[str, Any] | None = None) -> tuple[str, ...]:

@@ -55,7 +55,7 @@ CONVERTED_FROM_STATE = "training state (last.pt)"
 #: The one whole module an adapter may hold besides its LoRA weights (PEFT's ``modules_to_save``).
 MASK_DECODER = "mask_decoder"
 #: The values ``meta["trained_prompts"]`` may list.
-PROMPT_KINDS_TRAINED = ("box", "point")
+PROMPT_KINDS_TRAINED = ("box", "point", "mask")
 
 
 def modules_to_save(meta: dict[str, Any]) -> list[str]:

@@ -269,9 +269,13 @@ class TrainConfig:
         return ["box", "point"] if self.prompt == "mixed" or self.click_rounds else [self.prompt]
 
     def trained_prompts(self) -> list[str]:
-        """What the adapter's metadata says the model was trained on (``trained_prompts``): box and point
-        with click rounds, else box (the serving side answers clicks of a box-trained model its own way)."""
-        return ["box", "point"] if self.click_rounds else ["box"]
+        """What the adapter's metadata says the model was trained on (``trained_prompts``): ``box`` and/or
+        ``point`` as the ``prompt`` mode gives them, plus ``mask`` with click rounds (the previous mask fed
+        back, three masks for a lone click, the IoU head trained: SAM's own training). Serving reads it:
+        clicks of a box-only model go through the click-to-box search, ``mask`` turns on the best of three
+        for a lone click (:mod:`sam_medical.inference.strategies`)."""
+        kinds = {"box": ["box"], "point": ["point"]}.get(self.prompt, ["box", "point"])
+        return ["box", "point", "mask"] if self.click_rounds else kinds
 
 
 def default(name: str) -> Any:
