@@ -15,7 +15,7 @@ and every task reads its settings from the one :class:`SamAppConfig` parsed here
 | ``adapter`` | (follow) | a version id to select at start (roll back), or ``none`` for the base model |
 | ``embedding_cache_mb`` | ``512`` | memory for cached slice embeddings |
 | ``volume_cache_mb`` | ``2048`` | memory for loaded volumes |
-| ``prefetch_slices`` | ``4`` | neighbouring slices encoded in the background after a click (0: off) |
+| ``prefetch_slices`` | ``4`` | neighbouring slices encoded first in the background after a click; then the rest of the opened volume, centre outwards, within ``embedding_cache_mb`` (0: no background encoding at all); a click stops a background encode in flight |
 | ``torch_threads`` | ``0`` | intra-op threads of the serving thread and of the ONNX Runtime / OpenVINO sessions (0: half the CPU cores); background encodes use 1 |
 | ``runtime`` | ``auto`` | what runs the model for clicks: ``torch``, ``onnx`` (ONNX Runtime, CPU), ``openvino`` (OpenVINO encoder, optional extra), or ``auto`` (``onnx`` on the CPU, ``torch`` on CUDA); exports are verified against PyTorch and cached by digest |
 | ``precision`` | ``fp32`` | ``fp16`` or ``bf16``: autocast of runtime ``torch`` on CUDA only (not measured; fails agreement on the CPU) |
