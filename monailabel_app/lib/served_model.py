@@ -51,7 +51,7 @@ from sam_medical.inference.export_cache import adapter_identity
 from sam_medical.inference.export_check import warm_up
 from sam_medical.inference.onnx_export import ExportError
 from sam_medical.inference.predictor import VolumePredictor
-from sam_medical.inference.strategies import click_strategy
+from sam_medical.inference.strategies import click_strategy, weights_trained_prompts
 from sam_medical.model.registry import get_family
 
 from .served_export import ServedRuntime
@@ -149,7 +149,11 @@ class ServedModel:
         return self._make_predictor(self._base, BASE_VERSION)
 
     def _make_predictor(
-        self, sam: Any, version: str, adapter: dict[str, Any] | None = None, meta: dict[str, Any] | None = None
+        self,
+        sam: Any,
+        version: str,
+        adapter: dict[str, Any] | None = None,
+        meta: dict[str, Any] | None = None,
     ) -> VolumePredictor:
         """A predictor on PyTorch; with an exported runtime, its export is attached in the background.
 
@@ -217,9 +221,8 @@ class ServedModel:
     def trained_prompts(self, meta: dict[str, Any] | None = None) -> tuple[str, ...]:
         """The prompt kinds the served weights learned: an adapter's recorded ``trained_prompts``, else the
         model family's (none for random weights)."""
-        if meta is not None and meta.get("trained_prompts"):
-            return tuple(str(k) for k in meta["trained_prompts"])
-        return () if self.config.random_weights else get_family(self.config.model).trained_prompts
+        family = get_family(self.config.model).trained_prompts
+        return weights_trained_prompts(family, self.config.random_weights, meta)
 
     def _follow_current(self) -> None:
         """Swap in the version ``current.json`` names, if it changed since the last look.

@@ -30,7 +30,7 @@ from sam_medical.inference.engines import Engine, TorchEngine
 from sam_medical.inference.export_cache import adapter_identity
 from sam_medical.inference.runtime import build_engine
 from sam_medical.inference.strategies import click_strategy as click_strategy_for
-from sam_medical.inference.strategies import decode_prompts
+from sam_medical.inference.strategies import decode_prompts, weights_trained_prompts
 from sam_medical.model import forward as sf
 from sam_medical.model.build import build_sam
 from sam_medical.model.registry import get_family
@@ -117,11 +117,15 @@ class ServedSam:
     ) -> SlicePrediction:
         """``prompts`` on one image ``embedding (1, C, h, w)`` (:func:`decode_prompts`), in their order;
         prompts with clicks get :attr:`click_strategy` and the canvas ``image (256, 256, 3)`` uint8."""
-        gray = image[..., 0] if image is not None else None
+        gray = image[..., 0] if image is not None and self.click_strategy != DIRECT else None
         canvas = [
-            CanvasPrompt(p.points, p.point_labels, p.box)
-            if p.points is None or self.click_strategy == DIRECT
-            else CanvasPrompt(p.points, p.point_labels, p.box, strategy=self.click_strategy, image=gray)
+            CanvasPrompt(
+                p.points,
+                p.point_labels,
+                p.box,
+                strategy=DIRECT if p.points is None else self.click_strategy,
+                image=gray,
+            )
             for p in prompts
         ]
         decoded = decode_prompts(self.engine, embedding, canvas, self.multimask, self.batch_prompts)
@@ -163,10 +167,9 @@ def build_served_sam(
     )
     info: dict[str, Any] = {"kind": "sam", **base_info, "adapter": None}
     identity = None
-    trained = () if spec.random_weights else get_family(spec.name).trained_prompts
+    meta = None
     if spec.adapter is not None:
         meta = load_adapter(sam, spec.adapter, base_info=base_info)
-        trained = tuple(meta.get("trained_prompts") or trained)
         merge_lora(sam)  # as served: the LoRA updates folded into the weights (what an export holds)
         info["adapter"] = {"path": str(Path(spec.adapter).resolve()), **jsonable(meta)}
         identity = adapter_identity(spec.adapter, str(meta.get("version") or Path(spec.adapter).name))
@@ -176,6 +179,7 @@ def build_served_sam(
     )
     info["device"] = str(device)
     info["multimask"] = check_multimask(multimask)
+    trained = weights_trained_prompts(get_family(spec.name).trained_prompts, spec.random_weights, meta)
     info["click_strategy"] = strategy = click_strategy_for(trained, click_strategy)
     info["runtime"] = jsonable(engine.describe())
     return ServedSam(

@@ -54,6 +54,16 @@ def click_strategy(trained_prompts: Iterable[str], setting: str = "auto") -> str
     return CLICK_TO_BOX if "box" in kinds and "point" not in kinds else DIRECT
 
 
+def weights_trained_prompts(
+    family_prompts: Iterable[str], random_weights: bool, adapter_meta: dict[str, Any] | None = None
+) -> tuple[str, ...]:
+    """The prompt kinds the served weights learned: an adapter's recorded ``trained_prompts``, else its
+    model family's ``family_prompts`` (none for random weights). Serving and evaluation both ask this."""
+    if adapter_meta is not None and adapter_meta.get("trained_prompts"):
+        return tuple(str(k) for k in adapter_meta["trained_prompts"])
+    return () if random_weights else tuple(family_prompts)
+
+
 def decode_prompts(
     engine: Engine,
     embedding: torch.Tensor,
